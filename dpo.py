@@ -1,0 +1,641 @@
+"""DPO on Brax in one file: "Discovered Policy Optimisation" (Lu et al., NeurIPS 2022).
+
+In Mirror Learning terms a policy update maximises mean(r·Â − D(r, Â)) with r = π_θ(a|s) / π_old(a|s).
+DPO's drift (`dpo_drift` below) is the closed form the authors distilled from a drift meta-learned by
+LPO; this file is ppo.py with that drift instead, so `diff ppo.py dpo.py` shows exactly what DPO changes.
+
+    python dpo.py --env ant                  # the authors' Brax settings for ant
+    python dpo.py --env hopper --num-seeds 4 # four seeds, vmapped in one compile
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from brax import envs
+from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
+from flax import linen as nn
+from flax import serialization
+
+ALGO = "dpo"
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "ant"
+    """Brax environment; its preset (PRESETS below) fills every field left at None."""
+    backend: str | None = None
+    """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
+    seed: int = 0
+    """Seed of the first run; run i uses seed + i."""
+    num_seeds: int = 1
+    """Independent runs, vmapped in one compile."""
+    total_timesteps: int | None = None
+    """Environment steps per run (action repeats included)."""
+    num_envs: int | None = None
+    """Parallel environments per run."""
+    num_steps: int | None = None
+    """Rollout length per environment between two updates."""
+    num_minibatches: int | None = None
+    """Minibatches each rollout is split into, per epoch."""
+    update_epochs: int | None = None
+    """Passes over each rollout."""
+    learning_rate: float | None = None
+    """Adam step size."""
+    anneal_lr: bool = False
+    """Decay the learning rate linearly to zero over training."""
+    gamma: float | None = None
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE λ."""
+    dpo_alpha: float = 2.0
+    """DPO's α: for Â ≥ 0 the objective is capped smoothly at Â + α."""
+    dpo_beta: float = 0.6
+    """DPO's β: for Â < 0 it sets how far below r = 1 the rollback begins."""
+    ent_coef: float | None = None
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient (the value loss is 0.5·MSE)."""
+    max_grad_norm: float = 0.5
+    """Global gradient norm clip."""
+    reward_scaling: float | None = None
+    """Rewards are multiplied by this for learning (reported returns are unscaled)."""
+    normalize_obs: bool = True
+    """Normalise observations with running statistics, clipped to [-5, 5]."""
+    episode_length: int = 1000
+    """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
+    action_repeat: int | None = None
+    """Environment steps per action."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the policy and of the value network (tanh)."""
+    num_eval_envs: int = 128
+    """Environments in the final deterministic evaluation (one full episode each)."""
+    log_every: int = 10
+    """Print and record metrics every this many updates."""
+    track: bool = False
+    """Log metrics to Weights & Biases."""
+    wandb_project: str = "discovered-policy-optimisation"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user)."""
+    out_dir: str | None = None
+    """Output folder (default: runs/{env}__{algo}__{seed}__{timestamp})."""
+    save_model: bool = False
+    """Save the trained policy, value network and normaliser to params.msgpack."""
+    render: bool = False
+    """Write replay.html: one evaluation episode in Brax's HTML viewer."""
+
+
+# Per-env settings, filling every Args field the user leaves at None. ant, humanoid, halfcheetah,
+# walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
+# trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
+# rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
+# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern.
+PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                 "gamma", "ent_coef", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+# fmt: off
+PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  entropy reward repeat backend
+    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
+    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  1e-3, 0.1,  1, "spring"),
+    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1e-3, 1.0,  1, "spring"),
+    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1e-3, 0.1,  1, "spring"),
+    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  1e-3, 5.0,  4, "spring"),
+    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1e-3, 1.0,  1, "spring"),
+    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  1e-2, 0.1,  1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
+    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  1e-2, 5.0,  1, "spring"),
+    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1e-3, 1.0,  1, "generalized"),
+    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 1.0,  1, "spring"),
+}
+# fmt: on
+BACKENDS = ("spring", "positional", "generalized", "mjx")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.env not in PRESETS:
+        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
+    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.backend not in BACKENDS:
+        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    try:
+        envs.get_environment(args.env, backend=args.backend)
+    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
+        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+    for name, value in dataclasses.asdict(args).items():  # every count and size, and these two rates
+        if (type(value) is int and name != "seed" or name in ("learning_rate", "reward_scaling")) and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
+             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
+    per_update = batch * args.action_repeat
+    if args.total_timesteps < per_update:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
+             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
+    if any(h <= 0 for h in args.hidden_sizes):
+        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std.
+
+
+class MLP(nn.Module):
+    hidden_sizes: tuple[int, ...]
+    out_size: int
+    out_scale: float  # orthogonal init gain of the last layer: small for the policy mean
+
+    @nn.compact
+    def __call__(self, x):
+        for size in self.hidden_sizes:
+            x = nn.tanh(nn.Dense(size, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x))
+        return nn.Dense(self.out_size, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
+
+
+def make_networks(args, obs_size, action_size):
+    actor = MLP(args.hidden_sizes, action_size, 0.01)
+    critic = MLP(args.hidden_sizes, 1, 1.0)
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "actor": actor.init(k1, jnp.zeros(obs_size)),
+            "log_std": jnp.zeros(action_size),
+            "critic": critic.init(k2, jnp.zeros(obs_size)),
+        }
+
+    def policy(params, obs):
+        return actor.apply(params["actor"], obs), params["log_std"]
+
+    def value(params, obs):
+        return critic.apply(params["critic"], obs)[..., 0]
+
+    return init, policy, value
+
+
+def gaussian_log_prob(x, mean, log_std):
+    return jnp.sum(-0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The drift: the one piece that makes this DPO. D ≥ 0, D(1, A) = 0 and ∂D/∂r(1, A) = 0.
+
+
+def dpo_drift(ratio, advantages, alpha=2.0, beta=0.6):
+    """DPO's drift, branching on the sign of the (normalised) advantage:
+    A ≥ 0: ReLU((r − 1)·A − α·tanh((r − 1)·A / α)), which caps r·A − D smoothly at A + α;
+    A < 0: ReLU(log(r)·A − β·tanh(log(r)·A / β)), whose objective has an interior maximum r* < 1, so
+    ratios pushed below r* are pulled back up ("rollback")."""
+    x_pos = (ratio - 1.0) * advantages
+    x_neg = jnp.log(ratio) * advantages
+    positive = jax.nn.relu(x_pos - alpha * jnp.tanh(x_pos / alpha))
+    negative = jax.nn.relu(x_neg - beta * jnp.tanh(x_neg / beta))
+    return jnp.where(advantages >= 0, positive, negative)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Observation normalisation: one running mean and variance shared by all envs, saved with the policy.
+
+
+class ObsStats(NamedTuple):
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+
+def init_obs_stats(obs_size):
+    return ObsStats(jnp.zeros(()), jnp.zeros(obs_size), jnp.ones(obs_size))
+
+
+def update_obs_stats(stats, obs):
+    """Merge a batch of observations (any leading shape) into the running statistics (Chan et al.)."""
+    obs = obs.reshape(-1, stats.mean.shape[-1])
+    n = obs.shape[0]
+    count = stats.count + n
+    delta = obs.mean(0) - stats.mean
+    mean = stats.mean + delta * n / count
+    m2 = stats.var * stats.count + obs.var(0) * n + delta**2 * stats.count * n / count
+    return ObsStats(count, mean, m2 / count)
+
+
+def normalize_obs(stats, obs, enabled=True):
+    if not enabled:
+        return obs
+    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -5.0, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment: Brax's episode and auto-reset wrappers, plus the true last observation of each episode.
+
+
+class KeepFinalObs(envs.Wrapper):
+    """Keeps each step's observation in info["final_obs"] before the auto-reset overwrites it, so the
+    value of the state reached at a time-out can be bootstrapped: a time-out is not a terminal state."""
+
+    def reset(self, rng):
+        state = self.env.reset(rng)
+        state.info["final_obs"] = state.obs
+        return state
+
+    def step(self, state, action):
+        state = self.env.step(state, action)
+        state.info["final_obs"] = state.obs
+        return state
+
+
+def make_env(args, auto_reset=True):
+    env = envs.get_environment(args.env, backend=args.backend)
+    env = EpisodeWrapper(VmapWrapper(env), args.episode_length, args.action_repeat)
+    return AutoResetWrapper(KeepFinalObs(env)) if auto_reset else env
+
+
+# ---------------------------------------------------------------------------------------------------
+# GAE. `terminations` stop bootstrapping (the value after a terminal state is zero); `dones` (terminal
+# or time-out) only cut the advantage recursion, so a time-out still bootstraps from V(final obs).
+
+
+def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values
+
+    def backward(advantage, step):
+        delta, done = step
+        advantage = delta + gamma * gae_lambda * (1.0 - done) * advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(deltas[0]), (deltas, dones), reverse=True)
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Final evaluation: the mean action, one full episode on each of num_eval_envs envs.
+
+
+def make_evaluate(args, policy):
+    env = make_env(args, auto_reset=False)
+
+    def evaluate(params, obs_stats, key):
+        state = env.reset(jax.random.split(key, args.num_eval_envs))
+
+        def step(carry, _):
+            state, total, alive = carry
+            mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
+            state = env.step(state, jnp.clip(mean, -1.0, 1.0))
+            total = total + jnp.where(alive, state.reward, 0.0)
+            return (state, total, alive & (state.done == 0)), None
+
+        init = (state, jnp.zeros(args.num_eval_envs), jnp.ones(args.num_eval_envs, bool))
+        (_, total, _), _ = jax.lax.scan(step, init, None, -(-args.episode_length // args.action_repeat))
+        return total
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: rollout → GAE → epochs of minibatch updates, all seeds vmapped, all updates in one scan.
+
+
+class Transition(NamedTuple):
+    obs: jax.Array  # normalised with the statistics the rollout acted on
+    action: jax.Array
+    log_prob: jax.Array
+    reward: jax.Array  # scaled
+    value: jax.Array
+    next_value: jax.Array  # V(true next state), also at a time-out
+    termination: jax.Array
+    done: jax.Array
+
+
+class RunnerState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    obs_stats: ObsStats
+    env_state: envs.State
+    last_return: jax.Array  # per env: the return of its last finished episode
+    finished: jax.Array  # per env: has it finished an episode yet
+    key: jax.Array
+
+
+def make_train(args, log_fn=None):
+    """Returns train(keys) → (final runner state per seed, eval returns per seed and env).
+
+    `keys` holds one PRNG key per seed; every seed is vmapped. `log_fn(metrics)` is called from inside
+    the jitted loop after every update with a dict of per-seed arrays (None: no logging)."""
+    env = make_env(args)
+    init_params, policy, value = make_networks(args, env.observation_size, env.action_size)
+    evaluate = make_evaluate(args, policy)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_updates = args.total_timesteps // (batch_size * args.action_repeat)
+    num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
+    lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
+    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+
+    def init_runner(key):
+        key, params_key, env_key = jax.random.split(key, 3)
+        params = init_params(params_key)
+        env_state = env.reset(jax.random.split(env_key, args.num_envs))
+        obs_stats = update_obs_stats(init_obs_stats(env.observation_size), env_state.obs)
+        zeros = jnp.zeros(args.num_envs)
+        return RunnerState(params, optimizer.init(params), obs_stats, env_state, zeros, zeros > 0, key)
+
+    def env_step(runner, _):
+        key, action_key = jax.random.split(runner.key)
+        obs = normalize_obs(runner.obs_stats, runner.env_state.obs, args.normalize_obs)
+        mean, log_std = policy(runner.params, obs)
+        action = mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape)
+        env_state = env.step(runner.env_state, jnp.clip(action, -1.0, 1.0))
+        next_obs = normalize_obs(runner.obs_stats, env_state.info["final_obs"], args.normalize_obs)
+        done = env_state.done
+        episode_done = env_state.info["episode_done"] > 0
+        transition = Transition(
+            obs=obs,
+            action=action,
+            log_prob=gaussian_log_prob(action, mean, log_std),
+            reward=env_state.reward * args.reward_scaling,
+            value=value(runner.params, obs),
+            next_value=value(runner.params, next_obs),
+            termination=done * (1.0 - env_state.info["truncation"]),
+            done=done,
+        )
+        last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
+        runner = runner._replace(
+            env_state=env_state, last_return=last_return, finished=runner.finished | episode_done, key=key
+        )
+        return runner, (transition, env_state.info["final_obs"])
+
+    def update_seed(runner, update):
+        runner, (batch, raw_obs) = jax.lax.scan(env_step, runner, None, args.num_steps)
+        advantages, targets = compute_gae(
+            batch.reward, batch.value, batch.next_value, batch.termination, batch.done, args.gamma, args.gae_lambda
+        )
+
+        def loss_fn(params, minibatch):
+            transition, advantages, targets = minibatch
+            mean, log_std = policy(params, transition.obs)
+            log_ratio = gaussian_log_prob(transition.action, mean, log_std) - transition.log_prob
+            ratio = jnp.exp(log_ratio)
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            drift = dpo_drift(ratio, advantages, args.dpo_alpha, args.dpo_beta)
+            policy_loss = -jnp.mean(ratio * advantages - drift)
+            value_loss = 0.5 * jnp.mean((value(params, transition.obs) - targets) ** 2)
+            entropy = jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e))
+            loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
+            approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+            return loss, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
+                              approx_kl=approx_kl, drift=jnp.mean(drift))  # fmt: skip
+
+        def minibatch_step(state, minibatch):
+            params, opt_state = state
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), dict(loss=loss, **metrics)
+
+        def epoch(state, key):
+            order = jax.random.permutation(key, batch_size)
+            shuffle = lambda x: x.reshape(batch_size, *x.shape[2:])[order].reshape(
+                args.num_minibatches, minibatch_size, *x.shape[2:]
+            )
+            minibatches = jax.tree.map(shuffle, (batch, advantages, targets))
+            return jax.lax.scan(minibatch_step, state, minibatches)
+
+        key, epoch_key = jax.random.split(runner.key)
+        epoch_keys = jax.random.split(epoch_key, args.update_epochs)
+        (params, opt_state), metrics = jax.lax.scan(epoch, (runner.params, runner.opt_state), epoch_keys)
+        obs_stats = update_obs_stats(runner.obs_stats, raw_obs) if args.normalize_obs else runner.obs_stats
+        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, key=key)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["train_return"] = jnp.sum(runner.last_return * runner.finished) / jnp.maximum(runner.finished.sum(), 1)
+        metrics["episodes_finished"] = runner.finished.mean()
+        return runner, metrics
+
+    def train(keys):
+        runners = jax.vmap(init_runner)(keys)
+
+        def update_all(runners, update):
+            runners, metrics = jax.vmap(update_seed, in_axes=(0, None))(runners, update)
+            if log_fn is not None:
+                env_steps = (update + 1) * batch_size * args.action_repeat
+                jax.debug.callback(log_fn, dict(update=update + 1, env_steps=env_steps, **metrics))
+            return runners, None
+
+        runners, _ = jax.lax.scan(update_all, runners, jnp.arange(num_updates))
+        eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        eval_returns = jax.vmap(evaluate)(runners.params, runners.obs_stats, eval_keys)
+        return runners, eval_returns
+
+    return train
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading a trained policy.
+
+
+def atomic_write(path, data: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_policy(path, args, params, obs_stats):
+    """params and obs_stats carry a leading seed axis; all seeds are saved."""
+    blob = {"config": json.dumps(dataclasses.asdict(args)), "params": params, "obs_stats": obs_stats._asdict()}
+    atomic_write(path, serialization.msgpack_serialize(jax.device_get(blob)))
+
+
+def load_policy(path, seed_index=0):
+    """Returns (act, args): act(obs) → deterministic action of the saved policy of the given seed."""
+    with open(path, "rb") as f:
+        blob = serialization.msgpack_restore(f.read())
+    config = json.loads(blob["config"])
+    args = Args(**{**config, "hidden_sizes": tuple(config["hidden_sizes"])})
+    pick = lambda x: jnp.asarray(x[seed_index])
+    params = jax.tree.map(pick, blob["params"])
+    obs_stats = ObsStats(**jax.tree.map(pick, blob["obs_stats"]))
+    obs_size = obs_stats.mean.shape[-1]
+    action_size = params["log_std"].shape[-1]
+    _, policy, _ = make_networks(args, obs_size, action_size)
+
+    @jax.jit
+    def act(obs):
+        mean, _ = policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))
+        return jnp.clip(mean, -1.0, 1.0)
+
+    return act, args
+
+
+def write_replay(path, args, params, obs_stats, key):
+    """One deterministic episode of the first seed's policy, as Brax's HTML viewer page."""
+    from brax.io import html
+
+    env = envs.get_environment(args.env, backend=args.backend)
+    _, policy, _ = make_networks(args, env.observation_size, env.action_size)
+    params, obs_stats = jax.tree.map(lambda x: x[0], (params, obs_stats))
+
+    @jax.jit
+    def episode(key):
+        def step(state, _):
+            mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
+            next_state = env.step(state, jnp.clip(mean, -1.0, 1.0))
+            return next_state, state.pipeline_state
+
+        _, states = jax.lax.scan(step, env.reset(key), None, args.episode_length // args.action_repeat)
+        return states
+
+    states = episode(key)
+    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(jax.tree.leaves(states)[0].shape[0])]
+    atomic_write(path, html.render(env.sys.tree_replace({"opt.timestep": env.dt}), frames).encode())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging: live lines, metrics.csv, W&B; and the NaN guard.
+
+
+class Logger:
+    """Receives per-update metrics from inside the jitted loop (via jax.debug.callback)."""
+
+    def __init__(self, args, out_dir, wandb_run=None):
+        self.args, self.wandb_run, self.rows, self.error = args, wandb_run, [], None
+        self.csv_path = os.path.join(out_dir, "metrics.csv")
+        self.start = self.last_time = self.last_steps = None
+
+    def __call__(self, metrics):
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        update, env_steps = int(metrics.pop("update")), int(metrics.pop("env_steps"))
+        bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+        if bad:
+            self.error = f"training diverged: {', '.join(bad)} became NaN/inf at update {update} ({env_steps} steps)"
+            raise FloatingPointError(self.error)
+        now = time.perf_counter()
+        self.start = self.start or now
+        if update % self.args.log_every and env_steps < self.args.total_timesteps - (
+            self.args.num_envs * self.args.num_steps * self.args.action_repeat
+        ):
+            return
+        elapsed = now - self.start
+        for seed_index in range(self.args.num_seeds):
+            row = dict(
+                seed=self.args.seed + seed_index, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2)
+            )
+            row.update({k: float(v[seed_index]) for k, v in metrics.items()})
+            self.rows.append(row)
+        with open(self.csv_path, "w", newline="") as f:  # rewritten whole: cheap, and never half a row
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        mean = {k: float(v.mean()) for k, v in metrics.items()}
+        sps = (env_steps - self.last_steps) / max(now - self.last_time, 1e-9) if self.last_time else 0.0
+        self.last_time, self.last_steps = now, env_steps
+        print(f"update {update:>5} | steps {env_steps:>11,} | return {mean['train_return']:9.1f} | "
+              f"loss {mean['loss']:8.4f} | kl {mean['approx_kl']:.4f} | {sps:8,.0f} steps/s | {elapsed:7.1f} s",
+              flush=True)  # fmt: skip
+        if self.wandb_run is not None:
+            self.wandb_run.log(mean, step=env_steps)
+
+
+def plot_returns(path, rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["env_steps"] for r in rows})
+    by_step = np.array([[r["train_return"] for r in rows if r["env_steps"] == s] for s in steps])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, by_step.mean(1), label="mean over seeds")
+    ax.fill_between(steps, by_step.min(1), by_step.max(1), alpha=0.3, label="min–max")
+    ax.set(xlabel="environment steps", ylabel="training episode return", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def main():
+    args = resolve_args(tyro.cli(Args, description=__doc__))
+    run_name = f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = args.out_dir or os.path.join("runs", run_name)
+    os.makedirs(out_dir, exist_ok=True)
+    config = dataclasses.asdict(args)
+    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
+    print(f"{ALGO} on {args.env} → {out_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()), flush=True)
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_name,
+                               config=config, dir=out_dir)  # fmt: skip
+    logger = Logger(args, out_dir, wandb_run)
+    logging.getLogger("jax._src.debugging").setLevel(logging.CRITICAL)  # the NaN guard reports itself
+
+    train = jax.jit(make_train(args, log_fn=logger))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
+    start = time.perf_counter()
+    compiled = train.lower(keys).compile()
+    compile_s = time.perf_counter() - start
+    print(f"compiled in {compile_s:.1f} s", flush=True)
+    start = time.perf_counter()
+    try:
+        runners, eval_returns = jax.block_until_ready(compiled(keys))
+    except Exception:
+        if logger.error:
+            raise SystemExit(f"error: {logger.error}") from None
+        raise
+    run_s = time.perf_counter() - start
+    eval_per_seed = np.asarray(eval_returns).mean(axis=1)
+    if not np.all(np.isfinite(eval_per_seed)):
+        raise SystemExit(f"error: final evaluation returned NaN/inf: {eval_per_seed.tolist()}")
+
+    num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
+    env_steps = num_updates * args.num_envs * args.num_steps * args.action_repeat
+    last = [r for r in logger.rows if r["update"] == num_updates]
+    summary = dict(
+        env=args.env,
+        algo=ALGO,
+        num_seeds=args.num_seeds,
+        env_steps=env_steps,
+        eval_return_mean=float(eval_per_seed.mean()),
+        eval_return_std=float(eval_per_seed.std()),
+        eval_return_per_seed=eval_per_seed.tolist(),
+        train_return_mean=float(np.mean([r["train_return"] for r in last])),
+        compile_s=round(compile_s, 2),
+        run_s=round(run_s, 2),
+        sps=round(env_steps * args.num_seeds / run_s, 1),
+    )
+    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    plot_returns(os.path.join(out_dir, "returns.png"), logger.rows, f"{ALGO} on {args.env}")
+    if args.save_model:
+        save_policy(os.path.join(out_dir, "params.msgpack"), args, runners.params, runners.obs_stats)
+    if args.render:
+        write_replay(os.path.join(out_dir, "replay.html"), args, runners.params, runners.obs_stats, keys[0])
+    if wandb_run is not None:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+    print(f"{ALGO} {args.env}: eval return {summary['eval_return_mean']:.1f} ± {summary['eval_return_std']:.1f} "
+          f"over {args.num_seeds} seed(s) | {env_steps:,} steps | {summary['sps']:,.0f} steps/s | "
+          f"compile {compile_s:.1f} s, run {run_s:.1f} s | {out_dir}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
