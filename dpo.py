@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -61,12 +62,13 @@ class Args:
     """DPO's α: for Â ≥ 0 the objective is capped smoothly at Â + α."""
     dpo_beta: float = 0.6
     """DPO's β: for Â < 0 it sets how far below r = 1 the rollback begins."""
-    ent_coef: float | None = None
-    """Entropy bonus coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient. 0: with a state-independent std the bonus only inflates the action noise."""
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
-    max_grad_norm: float = 0.5
-    """Global gradient norm clip."""
+    max_grad_norm: float | None = None
+    """Global gradient norm clip (None: off, as in the authors' Brax settings; with reward scaling the value
+    loss's gradient would dominate the norm and shrink the policy's steps)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_obs: bool = True
@@ -99,23 +101,25 @@ class Args:
 # walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
 # trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
 # rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
-# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern.
+# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
+# authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
+# std (as in their later single-file code) and learns best without a bonus (ent_coef = 0).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                 "gamma", "ent_coef", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 # fmt: off
-PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  entropy reward repeat backend
-    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
-    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  1e-3, 0.1,  1, "spring"),
-    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1e-3, 1.0,  1, "spring"),
-    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1e-3, 0.1,  1, "spring"),
-    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  1e-3, 5.0,  4, "spring"),
-    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1e-3, 1.0,  1, "spring"),
-    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  1e-2, 0.1,  1, "spring"),
-    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
-    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 10.0, 1, "spring"),
-    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  1e-2, 5.0,  1, "spring"),
-    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1e-3, 1.0,  1, "generalized"),
-    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1e-2, 1.0,  1, "spring"),
+PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
+    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
+    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
+    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
+    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
+    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
+    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
+    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
 }
 # fmt: on
 BACKENDS = ("spring", "positional", "generalized", "mjx")
@@ -347,7 +351,9 @@ def make_train(args, log_fn=None):
     num_updates = args.total_timesteps // (batch_size * args.action_repeat)
     num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
     lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
-    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    optimizer = optax.adam(lr, eps=1e-5)
+    if args.max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
 
     def init_runner(key):
         key, params_key, env_key = jax.random.split(key, 3)
@@ -517,6 +523,7 @@ class Logger:
         self.args, self.wandb_run, self.rows, self.error = args, wandb_run, [], None
         self.csv_path = os.path.join(out_dir, "metrics.csv")
         self.start = self.last_time = self.last_steps = None
+        self.steps_per_update = args.num_envs * args.num_steps * args.action_repeat
 
     def __call__(self, metrics):
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
@@ -527,9 +534,7 @@ class Logger:
             raise FloatingPointError(self.error)
         now = time.perf_counter()
         self.start = self.start or now
-        if update % self.args.log_every and env_steps < self.args.total_timesteps - (
-            self.args.num_envs * self.args.num_steps * self.args.action_repeat
-        ):
+        if update % self.args.log_every and env_steps + self.steps_per_update <= self.args.total_timesteps:
             return
         elapsed = now - self.start
         for seed_index in range(self.args.num_seeds):
@@ -572,6 +577,7 @@ def plot_returns(path, rows, title):
 
 
 def main():
+    warnings.filterwarnings("ignore", message="Brax System, piplines and environments are not actively")
     args = resolve_args(tyro.cli(Args, description=__doc__))
     run_name = f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = args.out_dir or os.path.join("runs", run_name)

@@ -46,4 +46,4 @@ def test_preset_fills_only_what_the_user_left_unset():
     assert args.gamma == 0.9
     preset = ppo.resolve_args(ppo.Args(env="ant"))
     assert all(getattr(preset, name) is not None for name in ppo.PRESET_FIELDS)
-    assert preset.total_timesteps == 30_000_000 and preset.ent_coef == 1e-2 and preset.reward_scaling == 10.0
+    assert preset.total_timesteps == 30_000_000 and preset.gamma == 0.97 and preset.reward_scaling == 10.0
