@@ -103,7 +103,7 @@ class Args:
 # rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
 # same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
 # authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
-# std (as in their later single-file code) and learns best without a bonus (ent_coef = 0).
+# std and learns best without a bonus (ent_coef = 0).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 # fmt: off
@@ -115,8 +115,8 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
     "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
     "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
     "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
-    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
     "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
     "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
     "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
@@ -160,19 +160,27 @@ def resolve_args(args: Args) -> Args:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std.
+# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std, squashed
+# by tanh into the action range [-1, 1]. Ratios and log-probabilities are taken before the squash, where
+# its Jacobian cancels in r = π_θ(a|s) / π_old(a|s).
+
+
+def scaled_init(gain):
+    """Weights of variance gain²/fan_in: the scale of an orthogonal init with that gain, without its QR
+    decomposition, which vmapped over seeds can deadlock XLA's CPU thread pool (jaxlib 0.10)."""
+    return nn.initializers.variance_scaling(gain**2, "fan_in", "normal")
 
 
 class MLP(nn.Module):
     hidden_sizes: tuple[int, ...]
     out_size: int
-    out_scale: float  # orthogonal init gain of the last layer: small for the policy mean
+    out_scale: float  # init gain of the last layer: small for the policy mean
 
     @nn.compact
     def __call__(self, x):
         for size in self.hidden_sizes:
-            x = nn.tanh(nn.Dense(size, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x))
-        return nn.Dense(self.out_size, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
+            x = nn.tanh(nn.Dense(size, kernel_init=scaled_init(np.sqrt(2)))(x))
+        return nn.Dense(self.out_size, kernel_init=scaled_init(self.out_scale))(x)
 
 
 def make_networks(args, obs_size, action_size):
@@ -302,7 +310,7 @@ def make_evaluate(args, policy):
         def step(carry, _):
             state, total, alive = carry
             mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
-            state = env.step(state, jnp.clip(mean, -1.0, 1.0))
+            state = env.step(state, jnp.tanh(mean))
             total = total + jnp.where(alive, state.reward, 0.0)
             return (state, total, alive & (state.done == 0)), None
 
@@ -319,7 +327,7 @@ def make_evaluate(args, policy):
 
 class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
-    action: jax.Array
+    action: jax.Array  # before the tanh squash
     log_prob: jax.Array
     reward: jax.Array  # scaled
     value: jax.Array
@@ -368,7 +376,7 @@ def make_train(args, log_fn=None):
         obs = normalize_obs(runner.obs_stats, runner.env_state.obs, args.normalize_obs)
         mean, log_std = policy(runner.params, obs)
         action = mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape)
-        env_state = env.step(runner.env_state, jnp.clip(action, -1.0, 1.0))
+        env_state = env.step(runner.env_state, jnp.tanh(action))
         next_obs = normalize_obs(runner.obs_stats, env_state.info["final_obs"], args.normalize_obs)
         done = env_state.done
         episode_done = env_state.info["episode_done"] > 0
@@ -403,7 +411,7 @@ def make_train(args, log_fn=None):
             drift = dpo_drift(ratio, advantages, args.dpo_alpha, args.dpo_beta)
             policy_loss = -jnp.mean(ratio * advantages - drift)
             value_loss = 0.5 * jnp.mean((value(params, transition.obs) - targets) ** 2)
-            entropy = jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e))
+            entropy = jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e))  # of the Gaussian, before the squash
             loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
             approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
             return loss, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
@@ -484,7 +492,7 @@ def load_policy(path, seed_index=0):
     @jax.jit
     def act(obs):
         mean, _ = policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))
-        return jnp.clip(mean, -1.0, 1.0)
+        return jnp.tanh(mean)
 
     return act, args
 
@@ -501,7 +509,7 @@ def write_replay(path, args, params, obs_stats, key):
     def episode(key):
         def step(state, _):
             mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
-            next_state = env.step(state, jnp.clip(mean, -1.0, 1.0))
+            next_state = env.step(state, jnp.tanh(mean))
             return next_state, state.pipeline_state
 
         _, states = jax.lax.scan(step, env.reset(key), None, args.episode_length // args.action_repeat)

@@ -1,0 +1,119 @@
+"""Wall time to a target eval return: ppo.py and dpo.py against Brax's own PPO trainer at its best setting.
+
+    python bench/time_to_return.py --env ant --target 2000 --budget 1200000
+
+ppo.py and dpo.py train once for `--budget` steps with the given flags (default: the fast CPU setting of the
+README); their time is compile + run, and counts only if their final deterministic evaluation reaches the
+target. Brax's trainer (its default networks and the setting found best here) trains for `--brax-budget`
+steps, evaluating `--brax-evals` times; its time to target is the wall time at its first evaluation at or
+above the target (its evaluation time included, as a user waits for it too). Prints a table, writes JSON.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dpo  # noqa: E402
+import ppo  # noqa: E402
+
+
+@dataclasses.dataclass
+class Bench:
+    env: str = "ant"
+    """Brax environment."""
+    target: float = 2000.0
+    """Eval return to reach."""
+    budget: int = 1_200_000
+    """Env steps of the ppo.py and dpo.py runs."""
+    flags: tuple[str, ...] = ("num_envs=512", "num_steps=16", "num_minibatches=8", "update_epochs=4")
+    """Args overrides for ppo.py and dpo.py, as name=value."""
+    brax_budget: int = 2_500_000
+    """Env steps of the Brax run."""
+    brax_evals: int = 11
+    """Evaluations of the Brax run (the first at step 0)."""
+    brax_reward_scaling: float = 10.0
+    """Brax's reward scaling (its best setting here: 512 envs, unroll 16, batch 64 × 8, 4 passes, γ 0.97)."""
+    brax_entropy: float = 1e-2
+    """Brax's entropy cost."""
+    out: str = "bench/time_to_return.json"
+    """Where to write the table as JSON."""
+
+
+def ours(module, bench):
+    preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
+    overrides = {name: type(getattr(preset, name))(value) for name, value in (f.split("=") for f in bench.flags)}
+    args = module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, **overrides))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
+    start = time.perf_counter()
+    _, eval_returns = jax.block_until_ready(jax.jit(module.make_train(args))(keys))
+    seconds = time.perf_counter() - start
+    final = float(eval_returns.mean())
+    return dict(
+        seconds_to_budget=seconds, final_eval=final, seconds_to_target=seconds if final >= bench.target else None
+    )
+
+
+def brax_trainer(bench):
+    if not hasattr(jax, "device_put_replicated"):  # brax 0.14.2 still calls it; jax 0.10 removed it
+        from jax._src import api
+
+        jax.device_put_replicated = api.device_put_replicated
+    from brax import envs
+    from brax.training.agents.ppo import train as brax_ppo
+
+    evals = []
+    start = time.perf_counter()
+    brax_ppo.train(
+        environment=envs.get_environment(bench.env, backend="spring"),
+        num_timesteps=bench.brax_budget,
+        num_envs=512,
+        episode_length=1000,
+        learning_rate=3e-4,
+        entropy_cost=bench.brax_entropy,
+        discounting=0.97,
+        unroll_length=16,
+        batch_size=64,
+        num_minibatches=8,
+        num_updates_per_batch=4,
+        normalize_observations=True,
+        reward_scaling=bench.brax_reward_scaling,
+        num_evals=bench.brax_evals,
+        num_eval_envs=128,
+        deterministic_eval=True,
+        seed=0,
+        progress_fn=lambda step, m: evals.append((time.perf_counter() - start, step, float(m["eval/episode_reward"]))),
+    )
+    reached = [t for t, _, r in evals if r >= bench.target]
+    return dict(evals=evals, final_eval=evals[-1][2], seconds_to_target=reached[0] if reached else None)
+
+
+def main():
+    bench = tyro.cli(Bench, description=__doc__)
+    results = {"ppo.py": ours(ppo, bench), "dpo.py": ours(dpo, bench), "brax ppo": brax_trainer(bench)}
+    for step_time, step, value in results["brax ppo"]["evals"]:
+        print(f"brax ppo: {step:>10,} steps  eval {value:8.1f}  at {step_time:7.1f} s")
+    print(
+        f"\n{bench.env}: wall time (compile included) to eval return ≥ {bench.target:g}, on {os.cpu_count()} CPU cores"
+    )
+    print("| trainer | final eval | seconds to target |\n|---|---|---|")
+    for name, r in results.items():
+        seconds = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
+        print(f"| {name} | {r['final_eval']:.1f} | {seconds} |")
+    brax_s = results["brax ppo"]["seconds_to_target"]
+    for name in ("ppo.py", "dpo.py"):
+        ours_s = results[name]["seconds_to_target"]
+        if ours_s and brax_s:
+            print(f"{name} / brax time: {ours_s / brax_s:.2f} (target ≤ {1 / 1.5:.2f})")
+    with open(bench.out, "w") as f:
+        json.dump(dict(config=dataclasses.asdict(bench), results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
