@@ -127,17 +127,22 @@ def runs(tmp_path_factory):
             first_two = read_run(base / "resumed")
             lpo_meta.main(["--resume", str(base / "resumed"), "--generations", "4"])  # the saved config is the default
             lpo_meta.main([*TINY, "--generations", "4", "--out-dir", str(base / "straight")])
+            # a NaN drift makes every member's training diverge (the program is the same: the mean is an input)
+            nan_drift = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), first_two[0])
+            lpo_meta.save_drift(str(base / "nan.msgpack"), lpo_meta.Args(env="inverted_pendulum"), nan_drift, 0)
+            with pytest.raises(SystemExit) as diverged:
+                lpo_meta.main([*TINY, "--init-drift", str(base / "nan.msgpack"), "--out-dir", str(base / "nan")])
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
         compilation_cache.reset_cache()
     output, _ = sharded.communicate(timeout=900)
     assert sharded.returncode == 0, output
-    return base, first_two, log.getvalue(), output
+    return base, first_two, log.getvalue(), output, str(diverged.value)
 
 
 def test_a_tiny_meta_run_writes_every_file(runs):
-    base, (params, config, rows), log, _ = runs
+    base, (params, config, rows), log, *_ = runs
     for name in FILES:
         assert os.path.getsize(base / "straight" / name) > 0, name
     for name in ("fitness.png", "drift.png"):
@@ -166,13 +171,23 @@ def test_resume_reaches_the_state_of_an_uninterrupted_run(runs):
 
 
 def test_two_devices_give_the_result_of_one(runs):
-    base, _, _, output = runs
+    base, _, _, output, _ = runs
     params, _, rows = read_run(base / "straight")
     sharded_params, _, sharded_rows = read_run(base / "sharded")
     assert "on 2 device(s)" in output
     assert json.loads((base / "sharded" / "summary.json").read_text())["devices"] == 2
     assert [r["fitness_mean"] for r in sharded_rows] == [r["fitness_mean"] for r in rows]
     jax.tree.map(np.testing.assert_array_equal, sharded_params, params)
+
+
+def test_a_generation_where_every_member_diverges_stops_the_run(runs):
+    # inverted_pendulum scores NaN actions as a perfect balance: the NaN comes from the trained parameters
+    assert runs[4] == "error: every member's training diverged (NaN) at generation 1"
+
+
+def test_resuming_a_finished_run_does_nothing(runs, capsys):
+    lpo_meta.main(["--resume", str(runs[0] / "straight")])  # no compile: it returns at once
+    assert "already at generation 4" in capsys.readouterr().out
 
 
 def run_error(argv):

@@ -1,24 +1,36 @@
-"""In-process training: ppo.py and dpo.py learn; a saved policy acts exactly as the trained one."""
+"""Training: ppo.py and dpo.py learn; a saved policy acts exactly as the trained one."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dpo
 import ppo
 
-# inverted_pendulum at a CPU-sized budget; its preset (2048 envs × 80 steps) suits a GPU
-LEARN = dict(env="inverted_pendulum", total_timesteps=2_000_000, num_envs=128, num_steps=32, num_minibatches=4,
-             hidden_sizes=(64, 64), num_eval_envs=32)  # fmt: skip
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# inverted_pendulum at a CPU-sized budget (its preset, 2048 envs × 80 steps, suits a GPU), through the command
+# line a user types. One seed's final return swings between ~700 and 1000 at this budget, so the test asks
+# 800 of the mean of three.
+LEARN = ["--env", "inverted_pendulum", "--total-timesteps", "2000000", "--num-envs", "128", "--num-steps", "32",
+         "--num-minibatches", "4", "--hidden-sizes", "64", "64", "--num-eval-envs", "32",
+         "--num-seeds", "3"]  # fmt: skip
 
 
-@pytest.mark.parametrize("module", [ppo, dpo], ids=["ppo", "dpo"])
-def test_learns_inverted_pendulum(module):
-    args = module.resolve_args(module.Args(**LEARN))
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
-    _, eval_returns = jax.jit(module.make_train(args))(keys)
-    assert float(eval_returns.mean()) >= 800.0  # the maximum is 1000: balanced for the whole episode
+@pytest.mark.parametrize("script", ["ppo.py", "dpo.py"])
+def test_learns_inverted_pendulum(script, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *LEARN, "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    per_seed = json.loads((tmp_path / "summary.json").read_text())["eval_return_per_seed"]
+    print(f"{script}: eval return per seed {per_seed}")
+    assert np.mean(per_seed) >= 800.0  # the maximum is 1000: balanced for the whole episode
+    assert min(per_seed) >= 500.0  # and no seed failed to learn
 
 
 def test_save_load_gives_identical_actions(tmp_path):

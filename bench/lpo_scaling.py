@@ -1,0 +1,111 @@
+"""Wall time of one lpo_meta.py generation as the population grows, and what each member costs.
+
+    python bench/lpo_scaling.py --populations 1 4 16 64
+
+A generation vmaps the population over whole inner training runs in one jitted call; on a CPU the cores
+saturate early, so the cost per member should fall and then flatten (it must never exceed one single run).
+Population 1 is a single inner run (make_train on its own); the others are whole ES generations
+(ask → train every member → tell), timed after compilation, the median of `--repeats`.
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lpo_meta  # noqa: E402
+
+
+@dataclasses.dataclass
+class Bench:
+    populations: tuple[int, ...] = (1, 4, 16, 64)
+    """Population sizes to time (1: a single inner run; the others must be even)."""
+    env: str = "inverted_pendulum"
+    """Inner environment."""
+    inner: tuple[str, ...] = ("total_timesteps=200000", "num_envs=128", "num_steps=16", "num_minibatches=4",
+                              "hidden_sizes=64,64", "num_eval_envs=16")  # fmt: skip
+    """lpo_meta.py Args overrides for the inner runs, as name=value."""
+    repeats: int = 2
+    """Timed generations per population (after one compile)."""
+    out: str = "bench/lpo_scaling.json"
+    """Where to write the table as JSON."""
+
+
+def make_args(bench, population):
+    preset = lpo_meta.resolve_args(lpo_meta.Args(env=bench.env))  # for the type of each overridden field
+    overrides = {}
+    for name, value in (flag.split("=") for flag in bench.inner):
+        kind = type(getattr(preset, name))
+        overrides[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+    args = lpo_meta.Args(env=bench.env, population_size=max(population, 2), **overrides)
+    return lpo_meta.check_lpo_args(lpo_meta.resolve_args(args))
+
+
+def time_single_run(args, repeats):
+    drift_params = lpo_meta.init_drift_params(jax.random.PRNGKey(0), args.temporal)
+    train = jax.jit(lpo_meta.make_train(dataclasses.replace(args, drift_params=drift_params)))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_rollouts))
+    start = time.perf_counter()
+    compiled = train.lower(keys).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(keys))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def time_generation(args, repeats):
+    strategy, _ = lpo_meta.make_strategy(args)
+    mean = lpo_meta.init_drift_params(jax.random.PRNGKey(1), args.temporal)
+    es_state = strategy.init(jax.random.PRNGKey(2), mean, strategy.default_params)
+    mesh = jax.make_mesh((jax.device_count(),), ("population",), (jax.sharding.AxisType.Auto,))
+    state = jax.device_put(
+        jax.tree.map(np.asarray, (es_state, jax.random.PRNGKey(3))), NamedSharding(mesh, PartitionSpec())
+    )
+    start = time.perf_counter()
+    generation = lpo_meta.make_generation(args, strategy, mesh).lower(*state).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        es_state, key, returns, _ = jax.block_until_ready(generation(*state))
+        times.append(time.perf_counter() - start)
+        state = (es_state, key)
+    return compile_s, statistics.median(times)
+
+
+def main():
+    bench = tyro.cli(Bench, description=__doc__)
+    rows = []
+    for population in bench.populations:
+        args = make_args(bench, population)
+        measure = time_single_run if population == 1 else time_generation
+        compile_s, seconds = measure(args, bench.repeats)
+        num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
+        steps = num_updates * args.num_envs * args.num_steps * args.action_repeat * args.num_rollouts * population
+        rows.append(dict(population=population, compile_s=round(compile_s, 1), generation_s=round(seconds, 2),
+                         per_member_s=round(seconds / population, 3), steps_per_s=round(steps / seconds)))  # fmt: skip
+        print(f"population {population:>3}: compile {compile_s:6.1f} s | generation {seconds:7.2f} s | "
+              f"{seconds / population:6.3f} s per member | {steps / seconds:9,.0f} steps/s", flush=True)  # fmt: skip
+    print(f"\n{bench.env}, inner {' '.join(bench.inner)}, {jax.device_count()} device(s), {os.cpu_count()} CPU cores")
+    print("| population | compile s | s / generation | s / member | env steps/s |\n|---|---|---|---|---|")
+    for r in rows:
+        cells = (r["population"], r["compile_s"], r["generation_s"], r["per_member_s"], f"{r['steps_per_s']:,}")
+        print("| " + " | ".join(map(str, cells)) + " |")
+    with open(bench.out, "w") as f:
+        json.dump(dict(config=dataclasses.asdict(bench), rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

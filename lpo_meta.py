@@ -1,0 +1,840 @@
+"""LPO on Brax in one file: meta-learn a drift with evolution strategies ("Discovered Policy Optimisation").
+
+In Mirror Learning terms a policy update maximises mean(r·Â − D(r, Â)) with r = π_θ(a|s) / π_old(a|s).
+LPO learns the drift D: a small network (`lpo_drift` below) whose parameters OpenAI-ES evolves. One
+fitness evaluation is one whole PPO training run with that drift (`make_train`, ppo.py's inner loop); one
+generation trains the whole population in one jitted call, vmapped and sharded over every device.
+
+    python lpo_meta.py --env ant --population-size 64           # GPU(s): the paper's meta-training env
+    python lpo_meta.py --env inverted_pendulum --total-timesteps 65536 --num-envs 64 --num-steps 32 \\
+        --num-minibatches 8 --hidden-sizes 32 32 --num-eval-envs 16 --population-size 16 --generations 40
+                                                                # CPU: ~10 s a generation on 2 cores
+    python lpo_meta.py --resume runs/DIR                         # continue a stopped run, same config
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+import warnings
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from brax import envs
+from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
+from evosax.algorithms import Open_ES
+from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standardize_fitness_shaping_fn
+from flax import linen as nn
+from flax import serialization
+from jax.sharding import NamedSharding, PartitionSpec
+
+ALGO = "lpo"
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "ant"
+    """Brax environment the drift is meta-trained on; its preset (PRESETS below) fills every field left at None."""
+    backend: str | None = None
+    """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
+    # LPO: the seed of the ES and of every generation's environment keys (shared by all its members)
+    seed: int = 0
+    """Seed of the first run; run i uses seed + i."""
+    total_timesteps: int | None = None
+    """Environment steps per run (action repeats included)."""
+    num_envs: int | None = None
+    """Parallel environments per run."""
+    num_steps: int | None = None
+    """Rollout length per environment between two updates."""
+    num_minibatches: int | None = None
+    """Minibatches each rollout is split into, per epoch."""
+    update_epochs: int | None = None
+    """Passes over each rollout."""
+    learning_rate: float | None = None
+    """Adam step size."""
+    anneal_lr: bool = False
+    """Decay the learning rate linearly to zero over training."""
+    gamma: float | None = None
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE λ."""
+    clip_eps: float = 0.2
+    """PPO's clipping range ε: the drift is zero for r in [1 − ε, 1 + ε]."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient. 0: with a state-independent std the bonus only inflates the action noise."""
+    vf_coef: float = 0.5
+    """Value loss coefficient (the value loss is 0.5·MSE)."""
+    max_grad_norm: float | None = None
+    """Global gradient norm clip (None: off, as in the authors' Brax settings; with reward scaling the value
+    loss's gradient would dominate the norm and shrink the policy's steps)."""
+    reward_scaling: float | None = None
+    """Rewards are multiplied by this for learning (reported returns are unscaled)."""
+    normalize_obs: bool = True
+    """Normalise observations with running statistics, clipped to [-5, 5]."""
+    episode_length: int = 1000
+    """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
+    action_repeat: int | None = None
+    """Environment steps per action."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the policy and of the value network (tanh)."""
+    num_eval_envs: int = 128
+    """Environments in the final deterministic evaluation (one full episode each)."""
+    population_size: int = 32
+    """Drifts per generation (even: antithetic pairs); each is scored by whole training runs, all vmapped."""
+    generations: int = 1024
+    """Generations in total (a resumed run continues up to this number)."""
+    num_rollouts: int = 1
+    """Training runs per member; all members of a generation share their env seeds (common random numbers)."""
+    sigma_init: float = 0.04
+    """ES noise scale σ at the first generation."""
+    sigma_decay: float = 0.999
+    """σ is multiplied by this every generation..."""
+    sigma_limit: float = 0.01
+    """...down to this floor."""
+    es_lr: float = 0.01
+    """Adam step size on the ES mean (β1 0.99, β2 0.999)."""
+    es_lr_decay: float = 0.999
+    """The ES step size is multiplied by this every generation..."""
+    es_lr_limit: float = 0.001
+    """...down to this floor."""
+    fitness_shaping: Literal["centered_rank", "z_score"] = "centered_rank"
+    """How returns become ES weights: centred ranks in [-0.5, 0.5], or z-scores."""
+    ppo_init: bool = True
+    """D = ReLU(D_PPO + f − 1e-4), so the ES mean's start (f ≡ 0) is PPO; off: D = ReLU(f − 1e-4)."""
+    temporal: bool = False
+    """Temporally-aware LPO: the network also sees (n/N)·x, n/N the fraction of training done."""
+    init_drift: str | None = None
+    """Start the ES mean from this drift.msgpack (from a run with the same --temporal) instead of f ≡ 0."""
+    save_every: int = 16
+    """Checkpoint and write the outputs every this many generations (and at the end)."""
+    resume: str | None = None
+    """Continue the run whose checkpoint is in this folder (same config; --generations may grow)."""
+    distributed: bool = False
+    """Several hosts: call jax.distributed.initialize() and shard the population over all their devices."""
+    out_dir: str | None = None
+    """Output folder (default: runs/{env}__{algo}__{seed}__{timestamp})."""
+    drift_params: tyro.conf.Suppress[dict | None] = None
+    """Not a flag: the drift network's parameters that make_train uses, set for each ES member."""
+
+
+# Per-env settings, filling every Args field the user leaves at None. ant, humanoid, halfcheetah,
+# walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
+# trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
+# rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
+# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
+# authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
+# std and learns best without a bonus (ent_coef = 0).
+PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+# fmt: off
+PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
+    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  10.0, 1, "spring"),
+    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
+    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
+    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
+    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
+    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+}
+# fmt: on
+BACKENDS = ("spring", "positional", "generalized", "mjx")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.env not in PRESETS:
+        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
+    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.backend not in BACKENDS:
+        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    try:
+        envs.get_environment(args.env, backend=args.backend)
+    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
+        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+    for name, value in dataclasses.asdict(args).items():  # every count and size, and these two rates
+        if (type(value) is int and name != "seed" or name in ("learning_rate", "reward_scaling")) and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
+             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
+    per_update = batch * args.action_repeat
+    if args.total_timesteps < per_update:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
+             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
+    if any(h <= 0 for h in args.hidden_sizes):
+        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    return args
+
+
+def check_lpo_args(args: Args) -> Args:
+    """LPO's own checks, after resolve_args and before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.population_size % 2:
+        fail(f"--population-size must be even (antithetic pairs), got {args.population_size}")
+    if args.population_size % jax.device_count():
+        fail(f"--population-size {args.population_size} must be a multiple of the {jax.device_count()} devices")
+    schedules = dict(sigma=(args.sigma_init, args.sigma_decay, args.sigma_limit),
+                     es_lr=(args.es_lr, args.es_lr_decay, args.es_lr_limit))  # fmt: skip
+    for name, (init, decay, limit) in schedules.items():
+        if not (0 < limit <= init and 0 < decay <= 1):
+            fail(f"--{name.replace('_', '-')} schedule: need 0 < limit ≤ initial value and 0 < decay ≤ 1, "
+                 f"got {init}, decay {decay}, limit {limit}")  # fmt: skip
+    if args.resume and args.out_dir and os.path.abspath(args.out_dir) != os.path.abspath(args.resume):
+        fail("--resume continues in its own folder: leave --out-dir unset")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std, squashed
+# by tanh into the action range [-1, 1]. Ratios and log-probabilities are taken before the squash, where
+# its Jacobian cancels in r = π_θ(a|s) / π_old(a|s).
+
+
+def scaled_init(gain):
+    """Weights of variance gain²/fan_in: the scale of an orthogonal init with that gain, without its QR
+    decomposition, which vmapped over seeds can deadlock XLA's CPU thread pool (jaxlib 0.10)."""
+    return nn.initializers.variance_scaling(gain**2, "fan_in", "normal")
+
+
+class MLP(nn.Module):
+    hidden_sizes: tuple[int, ...]
+    out_size: int
+    out_scale: float  # init gain of the last layer: small for the policy mean
+
+    @nn.compact
+    def __call__(self, x):
+        for size in self.hidden_sizes:
+            x = nn.tanh(nn.Dense(size, kernel_init=scaled_init(np.sqrt(2)))(x))
+        return nn.Dense(self.out_size, kernel_init=scaled_init(self.out_scale))(x)
+
+
+def make_networks(args, obs_size, action_size):
+    actor = MLP(args.hidden_sizes, action_size, 0.01)
+    critic = MLP(args.hidden_sizes, 1, 1.0)
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "actor": actor.init(k1, jnp.zeros(obs_size)),
+            "log_std": jnp.zeros(action_size),
+            "critic": critic.init(k2, jnp.zeros(obs_size)),
+        }
+
+    def policy(params, obs):
+        return actor.apply(params["actor"], obs), params["log_std"]
+
+    def value(params, obs):
+        return critic.apply(params["critic"], obs)[..., 0]
+
+    return init, policy, value
+
+
+def gaussian_log_prob(x, mean, log_std):
+    return jnp.sum(-0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The drift, learnt. D ≥ 0, D(1, A) = 0 and ∂D/∂r(1, A) = 0 hold for any parameters: every feature is
+# zero at r = 1 and the network has no biases, so f(1, A) = 0, and the −1e-4 inside the ReLU makes D zero
+# in a neighbourhood of r = 1 (so flat there) whatever f's slope.
+
+
+def ppo_drift(ratio, advantages, clip_eps=0.2):
+    """D_PPO(r, A) = ReLU((r − clip(r, 1 − ε, 1 + ε))·A), so that r·A − D = min(r·A, clip(r)·A)."""
+    return jax.nn.relu((ratio - jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)) * advantages)
+
+
+class DriftNetwork(nn.Module):
+    """LPO's f_φ: Dense(128, no bias) → tanh → Dense(1, no bias); zero features give f = 0."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(128, use_bias=False)(x))
+        return nn.Dense(1, use_bias=False)(x)[..., 0]
+
+
+def lpo_features(ratio, advantages, progress, temporal):
+    """The 8 features of LPO, each zero at r = 1; a temporal drift appends progress·x (16 in all)."""
+    log_r, one_minus_r = jnp.log(ratio), 1.0 - ratio
+    x = jnp.stack([log_r, log_r**2, one_minus_r, one_minus_r**2, advantages * log_r, advantages * log_r**2,
+                   advantages * one_minus_r, advantages * one_minus_r**2], axis=-1)  # fmt: skip
+    if temporal:
+        x = jnp.concatenate([x, progress * x], axis=-1)
+    return x
+
+
+def lpo_drift(drift_params, ratio, advantages, progress, ppo_init, clip_eps, temporal):
+    """D = ReLU(f_φ(x) − 1e-4), or ReLU(D_PPO + f_φ(x) − 1e-4) with PPO initialisation."""
+    f = DriftNetwork().apply(drift_params, lpo_features(ratio, advantages, progress, temporal))
+    base = ppo_drift(ratio, advantages, clip_eps) if ppo_init else 0.0
+    return jax.nn.relu(base + f - 1e-4)
+
+
+def init_drift_params(key, temporal=False):
+    """Where the ES mean starts: output layer zero, so f ≡ 0 and generation 0 is PPO (with ppo_init), hidden
+    layer random. Not all zero: tanh is odd and there are no biases, so θ and −θ give the same drift; at θ = 0
+    every antithetic pair scores the same and the ES gradient is exactly zero, a saddle it would never leave."""
+    params = DriftNetwork().init(key, jnp.zeros(16 if temporal else 8))["params"]
+    return {"params": {"Dense_0": params["Dense_0"], "Dense_1": jax.tree.map(jnp.zeros_like, params["Dense_1"])}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Observation normalisation: one running mean and variance shared by all envs, saved with the policy.
+
+
+class ObsStats(NamedTuple):
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+
+def init_obs_stats(obs_size):
+    return ObsStats(jnp.zeros(()), jnp.zeros(obs_size), jnp.ones(obs_size))
+
+
+def update_obs_stats(stats, obs):
+    """Merge a batch of observations (any leading shape) into the running statistics (Chan et al.)."""
+    obs = obs.reshape(-1, stats.mean.shape[-1])
+    n = obs.shape[0]
+    count = stats.count + n
+    delta = obs.mean(0) - stats.mean
+    mean = stats.mean + delta * n / count
+    m2 = stats.var * stats.count + obs.var(0) * n + delta**2 * stats.count * n / count
+    return ObsStats(count, mean, m2 / count)
+
+
+def normalize_obs(stats, obs, enabled=True):
+    if not enabled:
+        return obs
+    return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -5.0, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment: Brax's episode and auto-reset wrappers, plus the true last observation of each episode.
+
+
+class KeepFinalObs(envs.Wrapper):
+    """Keeps each step's observation in info["final_obs"] before the auto-reset overwrites it, so the
+    value of the state reached at a time-out can be bootstrapped: a time-out is not a terminal state."""
+
+    def reset(self, rng):
+        state = self.env.reset(rng)
+        state.info["final_obs"] = state.obs
+        return state
+
+    def step(self, state, action):
+        state = self.env.step(state, action)
+        state.info["final_obs"] = state.obs
+        return state
+
+
+def make_env(args, auto_reset=True):
+    env = envs.get_environment(args.env, backend=args.backend)
+    env = EpisodeWrapper(VmapWrapper(env), args.episode_length, args.action_repeat)
+    return AutoResetWrapper(KeepFinalObs(env)) if auto_reset else env
+
+
+# ---------------------------------------------------------------------------------------------------
+# GAE. `terminations` stop bootstrapping (the value after a terminal state is zero); `dones` (terminal
+# or time-out) only cut the advantage recursion, so a time-out still bootstraps from V(final obs).
+
+
+def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values
+
+    def backward(advantage, step):
+        delta, done = step
+        advantage = delta + gamma * gae_lambda * (1.0 - done) * advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(deltas[0]), (deltas, dones), reverse=True)
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Final evaluation: the mean action, one full episode on each of num_eval_envs envs.
+
+
+def make_evaluate(args, policy):
+    env = make_env(args, auto_reset=False)
+
+    def evaluate(params, obs_stats, key):
+        state = env.reset(jax.random.split(key, args.num_eval_envs))
+
+        def step(carry, _):
+            state, total, alive = carry
+            mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
+            state = env.step(state, jnp.tanh(mean))
+            total = total + jnp.where(alive, state.reward, 0.0)
+            return (state, total, alive & (state.done == 0)), None
+
+        init = (state, jnp.zeros(args.num_eval_envs), jnp.ones(args.num_eval_envs, bool))
+        (_, total, _), _ = jax.lax.scan(step, init, None, -(-args.episode_length // args.action_repeat))
+        return total
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------
+# The inner loop, ppo.py's: rollout → GAE → epochs of minibatch updates with the drift given to train.
+
+
+class Transition(NamedTuple):
+    obs: jax.Array  # normalised with the statistics the rollout acted on
+    action: jax.Array  # before the tanh squash
+    log_prob: jax.Array
+    reward: jax.Array  # scaled
+    value: jax.Array
+    next_value: jax.Array  # V(true next state), also at a time-out
+    termination: jax.Array
+    done: jax.Array
+
+
+class RunnerState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    obs_stats: ObsStats
+    env_state: envs.State
+    last_return: jax.Array  # per env: the return of its last finished episode
+    finished: jax.Array  # per env: has it finished an episode yet
+    key: jax.Array
+
+
+def make_train(args, log_fn=None):
+    """Returns train(keys) → (final runner state per seed, eval returns per seed and env).
+    LPO: every seed learns with lpo_drift(args.drift_params, ...), the drift of one ES member.
+
+    `keys` holds one PRNG key per seed; every seed is vmapped. `log_fn(metrics)` is called from inside
+    the jitted loop after every update with a dict of per-seed arrays (None: no logging)."""
+    env = make_env(args)
+    init_params, policy, value = make_networks(args, env.observation_size, env.action_size)
+    evaluate = make_evaluate(args, policy)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_updates = args.total_timesteps // (batch_size * args.action_repeat)
+    num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
+    lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
+    optimizer = optax.adam(lr, eps=1e-5)
+    if args.max_grad_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
+    drift_config = (args.ppo_init, args.clip_eps, args.temporal)  # lpo_drift's arguments after progress
+
+    def init_runner(key):
+        key, params_key, env_key = jax.random.split(key, 3)
+        params = init_params(params_key)
+        env_state = env.reset(jax.random.split(env_key, args.num_envs))
+        obs_stats = update_obs_stats(init_obs_stats(env.observation_size), env_state.obs)
+        zeros = jnp.zeros(args.num_envs)
+        return RunnerState(params, optimizer.init(params), obs_stats, env_state, zeros, zeros > 0, key)
+
+    def env_step(runner, _):
+        key, action_key = jax.random.split(runner.key)
+        obs = normalize_obs(runner.obs_stats, runner.env_state.obs, args.normalize_obs)
+        mean, log_std = policy(runner.params, obs)
+        action = mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape)
+        env_state = env.step(runner.env_state, jnp.tanh(action))
+        next_obs = normalize_obs(runner.obs_stats, env_state.info["final_obs"], args.normalize_obs)
+        done = env_state.done
+        episode_done = env_state.info["episode_done"] > 0
+        transition = Transition(
+            obs=obs,
+            action=action,
+            log_prob=gaussian_log_prob(action, mean, log_std),
+            reward=env_state.reward * args.reward_scaling,
+            value=value(runner.params, obs),
+            next_value=value(runner.params, next_obs),
+            termination=done * (1.0 - env_state.info["truncation"]),
+            done=done,
+        )
+        last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
+        runner = runner._replace(
+            env_state=env_state, last_return=last_return, finished=runner.finished | episode_done, key=key
+        )
+        return runner, (transition, env_state.info["final_obs"])
+
+    def update_seed(runner, update):
+        runner, (batch, raw_obs) = jax.lax.scan(env_step, runner, None, args.num_steps)
+        advantages, targets = compute_gae(
+            batch.reward, batch.value, batch.next_value, batch.termination, batch.done, args.gamma, args.gae_lambda
+        )
+
+        def loss_fn(params, minibatch):
+            transition, advantages, targets = minibatch
+            mean, log_std = policy(params, transition.obs)
+            log_ratio = gaussian_log_prob(transition.action, mean, log_std) - transition.log_prob
+            ratio = jnp.exp(log_ratio)
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            drift = lpo_drift(args.drift_params, ratio, advantages, update / num_updates, *drift_config)
+            policy_loss = -jnp.mean(ratio * advantages - drift)
+            value_loss = 0.5 * jnp.mean((value(params, transition.obs) - targets) ** 2)
+            entropy = jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e))  # of the Gaussian, before the squash
+            loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
+            approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+            return loss, dict(policy_loss=policy_loss, value_loss=value_loss, entropy=entropy,
+                              approx_kl=approx_kl, drift=jnp.mean(drift))  # fmt: skip
+
+        def minibatch_step(state, minibatch):
+            params, opt_state = state
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), dict(loss=loss, **metrics)
+
+        def epoch(state, key):
+            order = jax.random.permutation(key, batch_size)
+            shuffle = lambda x: x.reshape(batch_size, *x.shape[2:])[order].reshape(
+                args.num_minibatches, minibatch_size, *x.shape[2:]
+            )
+            minibatches = jax.tree.map(shuffle, (batch, advantages, targets))
+            return jax.lax.scan(minibatch_step, state, minibatches)
+
+        key, epoch_key = jax.random.split(runner.key)
+        epoch_keys = jax.random.split(epoch_key, args.update_epochs)
+        (params, opt_state), metrics = jax.lax.scan(epoch, (runner.params, runner.opt_state), epoch_keys)
+        obs_stats = update_obs_stats(runner.obs_stats, raw_obs) if args.normalize_obs else runner.obs_stats
+        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, key=key)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["train_return"] = jnp.sum(runner.last_return * runner.finished) / jnp.maximum(runner.finished.sum(), 1)
+        metrics["episodes_finished"] = runner.finished.mean()
+        return runner, metrics
+
+    def train(keys):
+        runners = jax.vmap(init_runner)(keys)
+
+        def update_all(runners, update):
+            runners, metrics = jax.vmap(update_seed, in_axes=(0, None))(runners, update)
+            if log_fn is not None:
+                env_steps = (update + 1) * batch_size * args.action_repeat
+                jax.debug.callback(log_fn, dict(update=update + 1, env_steps=env_steps, **metrics))
+            return runners, None
+
+        runners, _ = jax.lax.scan(update_all, runners, jnp.arange(num_updates))
+        eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        eval_returns = jax.vmap(evaluate)(runners.params, runners.obs_stats, eval_keys)
+        return runners, eval_returns
+
+    return train
+
+
+# ---------------------------------------------------------------------------------------------------
+# The outer loop: OpenAI-ES on the drift network's parameters. evosax minimises, so it is told −return.
+
+
+def make_strategy(args):
+    """Open_ES with antithetic pairs and Adam on the mean; σ and step size decay exponentially to a floor."""
+    shaping = dict(centered_rank=centered_rank_fitness_shaping_fn, z_score=standardize_fitness_shaping_fn)
+    shaping = shaping[args.fitness_shaping]
+
+    def shape(population, fitness, state, params):  # a diverged run (NaN) counts as the worst member
+        return shaping(population, jnp.where(jnp.isnan(fitness), jnp.nanmax(fitness), fitness), state, params)
+
+    sigma = optax.exponential_decay(args.sigma_init, 1, args.sigma_decay, end_value=args.sigma_limit)
+    lr = optax.exponential_decay(args.es_lr, 1, args.es_lr_decay, end_value=args.es_lr_limit)
+    optimizer = optax.adam(lr, b1=0.99, b2=0.999)  # the authors' Adam
+    solution = init_drift_params(jax.random.PRNGKey(0), args.temporal)  # only its shapes matter here
+    strategy = Open_ES(args.population_size, solution, use_antithetic_sampling=True, optimizer=optimizer,
+                       std_schedule=sigma, fitness_shaping_fn=shape)  # fmt: skip
+    return strategy, lr
+
+
+def make_generation(args, strategy, mesh):
+    """generation(es_state, key) → (es_state, key, return per member, σ used): ask, train every member
+    (num_rollouts runs each, on env keys the whole generation shares), tell. One jitted call."""
+
+    def member_return(drift_params, env_keys):  # one whole training run per env key, with this member's drift
+        train = make_train(dataclasses.replace(args, drift_params=drift_params), log_fn=None)  # no metric stacks
+        runners, eval_returns = train(env_keys)
+        # a diverged run scores NaN whatever the env says: inverted_pendulum never ends an episode on NaN actions
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(runners.params)]))
+        return jnp.where(finite, eval_returns.mean(), jnp.nan)
+
+    def member_returns(population, env_keys):  # one device's share of the population
+        return jax.vmap(member_return, in_axes=(0, None))(population, env_keys)
+
+    # check_vma=False: with jax 0.10.2's default type checks on, sharded members trained to wrong returns
+    # (tests/test_lpo_meta.py compares 2 devices with 1); the members never communicate anyway
+    member_returns = jax.shard_map(member_returns, mesh=mesh, in_specs=(PartitionSpec("population"), PartitionSpec()),
+                                   out_specs=PartitionSpec("population"), check_vma=False)  # fmt: skip
+    es_params, replicated = strategy.default_params, NamedSharding(mesh, PartitionSpec())
+
+    def generation(es_state, key):
+        key, ask_key, tell_key, env_key = jax.random.split(key, 4)
+        population, es_state = strategy.ask(ask_key, es_state, es_params)
+        # ask and tell run whole on every device, so their sums add up in the same order on any number of them
+        population = jax.lax.with_sharding_constraint(population, replicated)
+        returns = member_returns(population, jax.random.split(env_key, args.num_rollouts))
+        returns = jnp.where(jnp.isfinite(returns), returns, jnp.nan)  # ±inf is a diverged run too
+        returns = jax.lax.with_sharding_constraint(returns, replicated)
+        sigma = es_state.std
+        es_state, _ = strategy.tell(tell_key, population, -returns, es_state, es_params)
+        return es_state, key, returns, sigma
+
+    return jax.jit(generation, in_shardings=replicated, out_shardings=replicated)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: checkpoints hold all a run needs to continue bit-exactly; drift.msgpack all a user needs.
+
+
+def atomic_write(path, data: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+RESUMABLE = ("generations", "save_every", "resume", "out_dir", "distributed", "init_drift")  # may change on resume
+
+
+def save_checkpoint(path, args, generation, key, es_state, rows):
+    blob = dict(config=json.dumps(dataclasses.asdict(args)), generation=generation, key=np.asarray(key),
+                es_state=serialization.to_state_dict(jax.device_get(es_state)), rows=json.dumps(rows))  # fmt: skip
+    atomic_write(path, serialization.msgpack_serialize(blob))
+
+
+def read_checkpoint(run_dir):
+    path = os.path.join(run_dir, "checkpoint.msgpack")
+    try:
+        with open(path, "rb") as f:
+            return serialization.msgpack_restore(f.read())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read {path} ({e})") from None
+
+
+def load_checkpoint(args, es_state):
+    """Returns (es_state, key, generation, rows) of the run in args.resume, es_state restored into the given
+    template; SystemExit("error: ...") if that run had another config."""
+    blob = read_checkpoint(args.resume)
+    saved, now = json.loads(blob["config"]), json.loads(json.dumps(dataclasses.asdict(args)))
+    differ = [k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v]
+    if differ:
+        changes = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+        raise SystemExit(f"error: --resume {args.resume} was run with another config: {changes}")
+    if blob["generation"] > args.generations:
+        raise SystemExit(f"error: --resume: the checkpoint is at generation {blob['generation']}, "
+                         f"past --generations {args.generations}")  # fmt: skip
+    es_state = serialization.from_state_dict(es_state, blob["es_state"])
+    return es_state, blob["key"], int(blob["generation"]), json.loads(blob["rows"])
+
+
+def save_drift(path, args, drift_params, generation):
+    config = dict(env=args.env, ppo_init=args.ppo_init, temporal=args.temporal, clip_eps=args.clip_eps)
+    config["generation"] = generation
+    blob = {"config": json.dumps(config), "params": jax.device_get(drift_params)}
+    atomic_write(path, serialization.msgpack_serialize(blob))
+
+
+def load_drift(path, temporal=None):
+    """Returns (drift_params, config) of a drift.msgpack. The parameters must have the shapes of the drift
+    network for `temporal` (None: the file's own flag); else, or if unreadable, SystemExit("error: ...")."""
+    try:
+        with open(path, "rb") as f:
+            blob = serialization.msgpack_restore(f.read())
+        config, params = json.loads(blob["config"]), blob["params"]
+        temporal = config["temporal"] if temporal is None else temporal
+        shapes = jax.tree.map(np.shape, params)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read a drift from {path} ({e})") from None
+    expected = jax.tree.map(np.shape, init_drift_params(jax.random.PRNGKey(0), temporal))
+    if shapes != expected:
+        raise SystemExit(f"error: {path} holds a drift of shapes {shapes}, expected {expected} (temporal={temporal})")
+    return jax.tree.map(jnp.asarray, params), config
+
+
+def write_csv(path, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue().encode())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots: the fitness curve, and the drift as heat maps over (r, Â) like the paper's figures.
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    pyplot().close(fig)
+
+
+def plot_fitness(path, rows, title):
+    plt = pyplot()
+    gen = [r["generation"] for r in rows]
+    mean, std = np.array([r["fitness_mean"] for r in rows]), np.array([r["fitness_std"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(gen, mean, label="population mean")
+    ax.fill_between(gen, mean - std, mean + std, alpha=0.3, label="± std")
+    ax.plot(gen, [r["fitness_best"] for r in rows], ".", ms=3, label="best member")
+    ax.set(xlabel="generation", ylabel="final evaluation return", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_drift(path, args, drift_params):
+    """Heat maps of D and of ∂(r·Â − D)/∂r over r ∈ (0, 2] × Â ∈ [−3, 3] (rows: n/N = 0, ½, 1 if temporal).
+    Returns the share of the quadrant Â < 0, r < 1 − ε (where PPO's slope is 0) with a slope > 0.1: rollback."""
+    plt = pyplot()
+    r, a = jnp.linspace(0.01, 2.0, 200), jnp.linspace(-3.0, 3.0, 121)
+    grid_r, grid_a = (x.ravel() for x in jnp.meshgrid(r, a))
+    progresses = (0.0, 0.5, 1.0) if args.temporal else (0.0,)
+
+    @jax.jit
+    def maps(progress):
+        drift = lambda r, a: lpo_drift(drift_params, r, a, progress, args.ppo_init, args.clip_eps, args.temporal)
+        slope = jax.vmap(jax.grad(lambda r, a: r * a - drift(r, a)))(grid_r, grid_a)
+        return drift(grid_r, grid_a).reshape(len(a), len(r)), slope.reshape(len(a), len(r))
+
+    fig, axes = plt.subplots(len(progresses), 2, figsize=(11, 4 * len(progresses)), squeeze=False)
+    quadrant = (grid_a < 0).reshape(len(a), len(r)) & (grid_r < 1 - args.clip_eps).reshape(len(a), len(r))
+    rollback = []
+    for row, progress in zip(axes, progresses, strict=True):
+        drift, slope = (np.asarray(m) for m in maps(progress))
+        rollback.append(float((slope[quadrant] > 0.1).mean()))
+        when = f" at n/N = {progress}" if args.temporal else ""
+        for ax, z, title, kw in (
+            (row[0], drift, f"drift D(r, Â){when}", dict(cmap="viridis")),
+            (row[1], slope, f"∂(r·Â − D)/∂r{when} (> 0 for Â < 0: rollback)", dict(cmap="RdBu_r", vmin=-3, vmax=3)),
+        ):  # fmt: skip
+            image = ax.imshow(z, origin="lower", aspect="auto", extent=(0.01, 2.0, -3.0, 3.0), **kw)
+            ax.axvline(1.0, color="k", lw=0.5, ls="--")
+            ax.axhline(0.0, color="k", lw=0.5, ls="--")
+            ax.set(xlabel="ratio r", ylabel="advantage Â", title=title)
+            fig.colorbar(image, ax=ax)
+    save_figure(fig, path)
+    return rollback
+
+
+def write_outputs(out_dir, args, strategy, es_state, rows, extra):
+    """drift.msgpack (the ES mean), fitness.csv, fitness.png, drift.png, summary.json."""
+    drift_params = strategy.get_mean(jax.device_get(es_state))
+    generation = rows[-1]["generation"]
+    save_drift(os.path.join(out_dir, "drift.msgpack"), args, drift_params, generation)
+    write_csv(os.path.join(out_dir, "fitness.csv"), rows)
+    plot_fitness(os.path.join(out_dir, "fitness.png"), rows, f"LPO meta-training on {args.env}")
+    rollback = plot_drift(os.path.join(out_dir, "drift.png"), args, drift_params)
+    means = [r["fitness_mean"] for r in rows]
+    summary = dict(env=args.env, algo=ALGO, generations=generation, population_size=args.population_size,
+                   fitness_mean_first=means[0], fitness_mean_last=means[-1], fitness_mean_best=float(np.nanmax(means)),
+                   fitness_best_member=float(np.nanmax([r["fitness_best"] for r in rows])),
+                   rollback_share=rollback, generation_s_mean=float(np.mean([r["generation_s"] for r in rows])),
+                   **extra)  # fmt: skip
+    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+
+
+def parse_args(argv=None):
+    """The command line. With --resume DIR the saved run's config gives every flag's default, so that
+    `--resume DIR` alone continues it; flags given must still agree with it, except RESUMABLE ones."""
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    if args.resume:
+        saved = json.loads(read_checkpoint(args.resume)["config"])
+        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
+        saved.update(hidden_sizes=tuple(saved["hidden_sizes"]), resume=args.resume, out_dir=None)
+        args = tyro.cli(Args, args=argv, description=__doc__, default=Args(**saved))
+    return args
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message="Brax System, piplines and environments are not actively")
+    args = parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()  # before anything touches a device
+    args = check_lpo_args(resolve_args(args))
+    run_name = f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = args.resume or args.out_dir or os.path.join("runs", run_name)
+    lead = jax.process_index() == 0  # the one host that prints and writes
+
+    strategy, lr = make_strategy(args)
+    key, init_key, drift_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    mean = init_drift_params(drift_key, args.temporal)
+    if args.init_drift:
+        mean = load_drift(args.init_drift, args.temporal)[0]
+    es_state, start, rows = strategy.init(init_key, mean, strategy.default_params), 0, []
+    if args.resume:
+        es_state, key, start, rows = load_checkpoint(args, es_state)
+    if lead:
+        os.makedirs(out_dir, exist_ok=True)
+        config = {k: v for k, v in dataclasses.asdict(args).items() if k != "drift_params"}
+        atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
+        print(f"{ALGO} on {args.env} → {out_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()), flush=True)
+
+    if start == args.generations:
+        if lead:
+            print(f"{out_dir} is already at generation {start}: raise --generations to continue it")
+        return
+    mesh = jax.make_mesh((jax.device_count(),), ("population",), (jax.sharding.AxisType.Auto,))
+    # host copies: strongly typed, identical on every host, so a fresh and a restored state compile alike
+    es_state, key = jax.device_put(jax.tree.map(np.asarray, (es_state, key)), NamedSharding(mesh, PartitionSpec()))
+    start_time = time.perf_counter()
+    generation = make_generation(args, strategy, mesh).lower(es_state, key).compile()
+    compile_s = time.perf_counter() - start_time
+    num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
+    member_steps = num_updates * args.num_envs * args.num_steps * args.action_repeat * args.num_rollouts
+    extra = dict(env_steps_per_member=member_steps, devices=jax.device_count(), compile_s=round(compile_s, 2))
+    if lead:
+        print(f"compiled in {compile_s:.1f} s on {jax.device_count()} device(s); {member_steps:,} env steps per "
+              f"member, {member_steps * args.population_size:,} per generation", flush=True)  # fmt: skip
+
+    elapsed = rows[-1]["elapsed_s"] if rows else 0.0
+    for g in range(start, args.generations):
+        start_time = time.perf_counter()
+        es_state, key, returns, sigma = generation(es_state, key)
+        returns = np.asarray(returns)
+        generation_s = time.perf_counter() - start_time
+        elapsed += generation_s
+        failed = int(np.isnan(returns).sum())
+        if failed == len(returns):
+            raise SystemExit(f"error: every member's training diverged (NaN) at generation {g + 1}")
+        row = dict(generation=g + 1, fitness_mean=float(np.nanmean(returns)), fitness_best=float(np.nanmax(returns)),
+                   fitness_std=float(np.nanstd(returns)), nan_members=failed, sigma=float(sigma),
+                   es_lr=float(lr(g)), generation_s=round(generation_s, 3), elapsed_s=round(elapsed, 3))  # fmt: skip
+        rows.append(row)
+        if not lead:
+            continue
+        sps = member_steps * args.population_size / generation_s
+        print(f"generation {g + 1:>5}/{args.generations} | fitness mean {row['fitness_mean']:9.1f} "
+              f"best {row['fitness_best']:9.1f} std {row['fitness_std']:8.1f} | NaN {failed} | σ {row['sigma']:.4f} | "
+              f"{generation_s:6.1f} s | {sps:9,.0f} steps/s | {elapsed:8.1f} s", flush=True)  # fmt: skip
+        if (g + 1) % args.save_every == 0 or g + 1 == args.generations:
+            save_checkpoint(os.path.join(out_dir, "checkpoint.msgpack"), args, g + 1, key, es_state, rows)
+            write_outputs(out_dir, args, strategy, es_state, rows, extra)
+    if lead and rows:
+        print(f"{ALGO} {args.env}: fitness mean {rows[0]['fitness_mean']:.1f} at generation 1, "
+              f"{rows[-1]['fitness_mean']:.1f} at {rows[-1]['generation']} | {out_dir}/drift.msgpack")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
