@@ -152,7 +152,7 @@ def test_mismatched_drift_shape_is_a_one_line_error(tmp_path):
 
     path = str(tmp_path / "drift.msgpack")
     args = lpo_meta.Args(env="fast", temporal=True)  # the file claims 16 features but holds an 8-feature network
-    lpo_meta.save_drift(path, args, lpo_meta.init_drift_params(temporal=False), 0)
+    lpo_meta.save_drift(path, args, lpo_meta.init_drift_params(jax.random.PRNGKey(0), temporal=False), 0)
     with pytest.raises(SystemExit) as error:
         eval_transfer.main(["--envs", "fast", "--algos", "lpo", "--drift", path, "--results-dir", str(tmp_path / "o")])
     assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
