@@ -52,6 +52,16 @@ class Bench:
     """Where to write the table as JSON."""
 
 
+def compile_then_run(jitted, *inputs):
+    """Seconds to compile, seconds to run (compiled, so the run excludes compilation), and the output."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*inputs).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    output = jax.block_until_ready(compiled(*inputs))
+    return compile_s, time.perf_counter() - start, output
+
+
 def env_only(bench, args):
     """Random actions in a jitted scan: the most a trainer on this machine could step."""
     env = ppo.make_env(args)
@@ -70,24 +80,14 @@ def env_only(bench, args):
 
         return jax.lax.scan(step, (state, key), None, steps)[1].mean()
 
-    start = time.perf_counter()
-    compiled = run.lower(jax.random.PRNGKey(0)).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(jax.random.PRNGKey(1)))
-    run_s = time.perf_counter() - start
+    compile_s, run_s, _ = compile_then_run(run, jax.random.PRNGKey(1))
     return dict(compile_s=compile_s, run_s=run_s, sps=steps * bench.num_envs / run_s, eval_return=float("nan"))
 
 
 def ours(bench, args):
     train = jax.jit(ppo.make_train(args))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
-    start = time.perf_counter()
-    compiled = train.lower(keys).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    _, eval_returns = jax.block_until_ready(compiled(keys))
-    run_s = time.perf_counter() - start
+    compile_s, run_s, (_, eval_returns) = compile_then_run(train, keys)
     num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
     steps = num_updates * args.num_envs * args.num_steps
     return dict(compile_s=compile_s, run_s=run_s, sps=steps / run_s, eval_return=float(eval_returns.mean()))
@@ -143,18 +143,9 @@ def brax_trainer(bench, args):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
-    args = ppo.resolve_args(
-        ppo.Args(
-            env=bench.env,
-            backend=bench.backend,
-            total_timesteps=bench.total_timesteps,
-            num_envs=bench.num_envs,
-            num_steps=bench.num_steps,
-            num_minibatches=bench.num_minibatches,
-            update_epochs=bench.update_epochs,
-            hidden_sizes=bench.hidden_sizes,
-        )  # fmt: skip
-    )
+    matched = ("env", "backend", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+               "hidden_sizes")  # fmt: skip
+    args = ppo.resolve_args(ppo.Args(**{name: getattr(bench, name) for name in matched}))
     contenders = {"env-only": env_only, "ppo.py": ours}
     if not bench.skip_brax:
         contenders["brax ppo"] = brax_trainer
