@@ -97,13 +97,11 @@ class Args:
     """Write replay.html: one evaluation episode in Brax's HTML viewer."""
 
 
-# Per-env settings, filling every Args field the user leaves at None. ant, humanoid, halfcheetah,
-# walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
-# trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
-# rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
-# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
-# authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
-# std and learns best without a bonus (ent_coef = 0).
+# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
+# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
+# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
+# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
+# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 # fmt: off
@@ -476,6 +474,17 @@ def save_policy(path, args, params, obs_stats):
     atomic_write(path, serialization.msgpack_serialize(jax.device_get(blob)))
 
 
+def make_act(args, params, obs_stats):
+    """act(obs) → the deterministic action of one seed's policy: its mean, squashed by tanh."""
+    _, policy, _ = make_networks(args, obs_stats.mean.shape[-1], params["log_std"].shape[-1])
+
+    def act(obs):
+        mean, _ = policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))
+        return jnp.tanh(mean)
+
+    return act
+
+
 def load_policy(path, seed_index=0):
     """Returns (act, args): act(obs) → deterministic action of the saved policy of the given seed."""
     with open(path, "rb") as f:
@@ -483,18 +492,8 @@ def load_policy(path, seed_index=0):
     config = json.loads(blob["config"])
     args = Args(**{**config, "hidden_sizes": tuple(config["hidden_sizes"])})
     pick = lambda x: jnp.asarray(x[seed_index])
-    params = jax.tree.map(pick, blob["params"])
-    obs_stats = ObsStats(**jax.tree.map(pick, blob["obs_stats"]))
-    obs_size = obs_stats.mean.shape[-1]
-    action_size = params["log_std"].shape[-1]
-    _, policy, _ = make_networks(args, obs_size, action_size)
-
-    @jax.jit
-    def act(obs):
-        mean, _ = policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))
-        return jnp.tanh(mean)
-
-    return act, args
+    params, obs_stats = jax.tree.map(pick, (blob["params"], ObsStats(**blob["obs_stats"])))
+    return jax.jit(make_act(args, params, obs_stats)), args
 
 
 def write_replay(path, args, params, obs_stats, key):
@@ -502,21 +501,19 @@ def write_replay(path, args, params, obs_stats, key):
     from brax.io import html
 
     env = envs.get_environment(args.env, backend=args.backend)
-    _, policy, _ = make_networks(args, env.observation_size, env.action_size)
-    params, obs_stats = jax.tree.map(lambda x: x[0], (params, obs_stats))
+    act = make_act(args, *jax.tree.map(lambda x: x[0], (params, obs_stats)))
+    num_steps = args.episode_length // args.action_repeat
 
     @jax.jit
     def episode(key):
         def step(state, _):
-            mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
-            next_state = env.step(state, jnp.tanh(mean))
-            return next_state, state.pipeline_state
+            return env.step(state, act(state.obs)), state.pipeline_state
 
-        _, states = jax.lax.scan(step, env.reset(key), None, args.episode_length // args.action_repeat)
+        _, states = jax.lax.scan(step, env.reset(key), None, num_steps)
         return states
 
     states = episode(key)
-    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(jax.tree.leaves(states)[0].shape[0])]
+    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(num_steps)]
     atomic_write(path, html.render(env.sys.tree_replace({"opt.timestep": env.dt}), frames).encode())
 
 
@@ -545,12 +542,9 @@ class Logger:
         if update % self.args.log_every and env_steps + self.steps_per_update <= self.args.total_timesteps:
             return
         elapsed = now - self.start
-        for seed_index in range(self.args.num_seeds):
-            row = dict(
-                seed=self.args.seed + seed_index, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2)
-            )
-            row.update({k: float(v[seed_index]) for k, v in metrics.items()})
-            self.rows.append(row)
+        for i in range(self.args.num_seeds):
+            row = dict(seed=self.args.seed + i, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2))
+            self.rows.append({**row, **{k: float(v[i]) for k, v in metrics.items()}})
         with open(self.csv_path, "w", newline="") as f:  # rewritten whole: cheap, and never half a row
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()
@@ -566,22 +560,18 @@ class Logger:
 
 
 def plot_returns(path, rows, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure to close
 
     steps = sorted({r["env_steps"] for r in rows})
     by_step = np.array([[r["train_return"] for r in rows if r["env_steps"] == s] for s in steps])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     ax.plot(steps, by_step.mean(1), label="mean over seeds")
     ax.fill_between(steps, by_step.min(1), by_step.max(1), alpha=0.3, label="min–max")
     ax.set(xlabel="environment steps", ylabel="training episode return", title=title)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
-    plt.close(fig)
 
 
 def main():
@@ -621,22 +611,14 @@ def main():
     if not np.all(np.isfinite(eval_per_seed)):
         raise SystemExit(f"error: final evaluation returned NaN/inf: {eval_per_seed.tolist()}")
 
-    num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
-    env_steps = num_updates * args.num_envs * args.num_steps * args.action_repeat
-    last = [r for r in logger.rows if r["update"] == num_updates]
-    summary = dict(
-        env=args.env,
-        algo=ALGO,
-        num_seeds=args.num_seeds,
-        env_steps=env_steps,
-        eval_return_mean=float(eval_per_seed.mean()),
-        eval_return_std=float(eval_per_seed.std()),
-        eval_return_per_seed=eval_per_seed.tolist(),
-        train_return_mean=float(np.mean([r["train_return"] for r in last])),
-        compile_s=round(compile_s, 2),
-        run_s=round(run_s, 2),
-        sps=round(env_steps * args.num_seeds / run_s, 1),
-    )
+    env_steps = logger.rows[-1]["env_steps"]  # the logger always records the last update
+    last = [r for r in logger.rows if r["env_steps"] == env_steps]
+    summary = dict(env=args.env, algo=ALGO, num_seeds=args.num_seeds, env_steps=env_steps,
+                   eval_return_mean=float(eval_per_seed.mean()), eval_return_std=float(eval_per_seed.std()),
+                   eval_return_per_seed=eval_per_seed.tolist(),
+                   train_return_mean=float(np.mean([r["train_return"] for r in last])),
+                   compile_s=round(compile_s, 2), run_s=round(run_s, 2),
+                   sps=round(env_steps * args.num_seeds / run_s, 1))  # fmt: skip
     atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     plot_returns(os.path.join(out_dir, "returns.png"), logger.rows, f"{ALGO} on {args.env}")
     if args.save_model:

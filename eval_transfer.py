@@ -109,13 +109,11 @@ class Args:
     """The algorithm of one cell, set from --algos (not a command-line option)."""
 
 
-# Per-env settings, filling every Args field the user leaves at None. ant, humanoid, halfcheetah,
-# walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
-# trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
-# rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
-# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
-# authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
-# std and learns best without a bonus (ent_coef = 0).
+# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
+# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
+# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
+# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
+# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 # fmt: off
@@ -583,12 +581,9 @@ class Logger:
         if update % self.args.log_every and env_steps + self.steps_per_update <= self.args.total_timesteps:
             return
         elapsed = now - self.start
-        for seed_index in range(self.args.num_seeds):
-            row = dict(
-                seed=self.args.seed + seed_index, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2)
-            )
-            row.update({k: float(v[seed_index]) for k, v in metrics.items()})
-            self.rows.append(row)
+        for i in range(self.args.num_seeds):
+            row = dict(seed=self.args.seed + i, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2))
+            self.rows.append({**row, **{k: float(v[i]) for k, v in metrics.items()}})
         with open(self.csv_path, "w", newline="") as f:  # rewritten whole: cheap, and never half a row
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()

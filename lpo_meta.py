@@ -123,13 +123,11 @@ class Args:
     """Not a flag: the drift network's parameters that make_train uses, set for each ES member."""
 
 
-# Per-env settings, filling every Args field the user leaves at None. ant, humanoid, halfcheetah,
-# walker2d and reacher are the authors' Brax settings (reference table: 32 minibatches of `batch`
-# trajectories of `unroll` steps per update). Brax collects those as several short unrolls; here one
-# rollout of num_steps = batch·32·unroll / num_envs steps per env gives the same data per update and the
-# same minibatch size, with GAE over the whole rollout. The other envs follow the same pattern. The
-# authors' entropy costs were tuned for Brax's tanh-Gaussian policy; this Gaussian has a state-independent
-# std and learns best without a bonus (ent_coef = 0).
+# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
+# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
+# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
+# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
+# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 # fmt: off
