@@ -2,16 +2,21 @@
 
     python bench/time_to_return.py --env ant --target 2000 --budget 1200000
 
-ppo.py and dpo.py train once for `--budget` steps with the given flags (default: the fast CPU setting of the
-README); their time is compile + run, and counts only if their final deterministic evaluation reaches the
-target. Brax's trainer (its default networks and the setting found best here) trains for `--brax-budget`
-steps, evaluating `--brax-evals` times; its time to target is the wall time at its first evaluation at or
-above the target (its evaluation time included, as a user waits for it too). Prints a table, writes JSON.
+ppo.py and dpo.py train for `--budget` steps with the given flags (default: the fast CPU setting of the
+README; tuples as comma lists, e.g. hidden_sizes=64,64); their time is compile + run, and counts only if
+their final deterministic evaluation reaches the target. Brax's trainer (its default networks and the
+setting found best here) trains for `--brax-budget` steps, evaluating `--brax-evals` times; its time to
+target is the wall time at its first evaluation at or above the target (its evaluation time included, as a
+user waits for it too). Each contender runs `--repeats` times with seeds 0, 1, ..., interleaved; the table
+gives the median time over the repeats (a repeat that misses the target counts as infinitely slow).
+Prints a table, writes JSON.
 """
 
 import dataclasses
 import json
+import math
 import os
+import statistics
 import sys
 import time
 
@@ -42,15 +47,23 @@ class Bench:
     """Brax's reward scaling (its best setting here: 512 envs, unroll 16, batch 64 × 8, 4 passes, γ 0.97)."""
     brax_entropy: float = 1e-2
     """Brax's entropy cost."""
+    repeats: int = 1
+    """Runs of each contender (seeds 0, 1, ...), interleaved."""
     out: str = "bench/time_to_return.json"
     """Where to write the table as JSON."""
 
 
-def ours(module, bench):
+def parse_flag(preset, flag):
+    name, value = flag.split("=")
+    kind = type(getattr(preset, name))
+    return name, tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+
+
+def ours(module, bench, seed):
     preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
-    overrides = {name: type(getattr(preset, name))(value) for name, value in (f.split("=") for f in bench.flags)}
-    args = module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, **overrides))
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
+    overrides = dict(parse_flag(preset, flag) for flag in bench.flags)
+    args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget, **overrides))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seed, seed + 1))
     start = time.perf_counter()
     _, eval_returns = jax.block_until_ready(jax.jit(module.make_train(args))(keys))
     seconds = time.perf_counter() - start
@@ -60,7 +73,7 @@ def ours(module, bench):
     )
 
 
-def brax_trainer(bench):
+def brax_trainer(bench, seed):
     if not hasattr(jax, "device_put_replicated"):  # brax 0.14.2 still calls it; jax 0.10 removed it
         from jax._src import api
 
@@ -87,7 +100,7 @@ def brax_trainer(bench):
         num_evals=bench.brax_evals,
         num_eval_envs=128,
         deterministic_eval=True,
-        seed=0,
+        seed=seed,
         progress_fn=lambda step, m: evals.append((time.perf_counter() - start, step, float(m["eval/episode_reward"]))),
     )
     reached = [t for t, _, r in evals if r >= bench.target]
@@ -96,21 +109,30 @@ def brax_trainer(bench):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
-    results = {"ppo.py": ours(ppo, bench), "dpo.py": ours(dpo, bench), "brax ppo": brax_trainer(bench)}
-    for step_time, step, value in results["brax ppo"]["evals"]:
-        print(f"brax ppo: {step:>10,} steps  eval {value:8.1f}  at {step_time:7.1f} s")
-    print(
-        f"\n{bench.env}: wall time (compile included) to eval return ≥ {bench.target:g}, on {os.cpu_count()} CPU cores"
-    )
-    print("| trainer | final eval | seconds to target |\n|---|---|---|")
-    for name, r in results.items():
-        seconds = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
-        print(f"| {name} | {r['final_eval']:.1f} | {seconds} |")
-    brax_s = results["brax ppo"]["seconds_to_target"]
+    contenders = {"ppo.py": lambda seed: ours(ppo, bench, seed), "dpo.py": lambda seed: ours(dpo, bench, seed),
+                  "brax ppo": lambda seed: brax_trainer(bench, seed)}  # fmt: skip
+    results = {name: [] for name in contenders}
+    for seed in range(bench.repeats):
+        for name, run in contenders.items():
+            results[name].append(run(seed))
+            r = results[name][-1]
+            print(f"{name} seed {seed}: final eval {r['final_eval']:.1f}, seconds to target {r['seconds_to_target']}")
+            for step_time, step, value in r.get("evals", []):
+                print(f"    {step:>10,} steps  eval {value:8.1f}  at {step_time:7.1f} s", flush=True)
+
+    def median_seconds(runs):
+        return statistics.median(math.inf if r["seconds_to_target"] is None else r["seconds_to_target"] for r in runs)
+
+    print(f"\n{bench.env}: wall time (compile included) to eval return ≥ {bench.target:g}, median of "
+          f"{bench.repeats} run(s), on {os.cpu_count()} CPU cores")  # fmt: skip
+    print("| trainer | final eval per seed | reached | median seconds to target |\n|---|---|---|---|")
+    for name, runs in results.items():
+        finals = ", ".join(f"{r['final_eval']:.0f}" for r in runs)
+        reached = sum(r["seconds_to_target"] is not None for r in runs)
+        print(f"| {name} | {finals} | {reached}/{len(runs)} | {median_seconds(runs):.0f} |")
+    brax_s = median_seconds(results["brax ppo"])
     for name in ("ppo.py", "dpo.py"):
-        ours_s = results[name]["seconds_to_target"]
-        if ours_s and brax_s:
-            print(f"{name} / brax time: {ours_s / brax_s:.2f} (target ≤ {1 / 1.5:.2f})")
+        print(f"{name} / brax time: {median_seconds(results[name]) / brax_s:.2f} (target ≤ {1 / 1.5:.2f})")
     with open(bench.out, "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), results=results), f, indent=2)
 
