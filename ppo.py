@@ -529,7 +529,8 @@ class Logger:
             self.error = f"training diverged: {', '.join(bad)} became NaN/inf at update {update} ({env_steps} steps)"
             raise FloatingPointError(self.error)
         now = time.perf_counter()
-        self.start = self.start or now
+        if self.start is None:  # the clock starts at the end of update 1, so the first line has a rate too
+            self.start, self.last_time, self.last_steps = now, now, env_steps
         if update % self.args.log_every and env_steps + self.steps_per_update <= self.args.total_timesteps:
             return
         elapsed = now - self.start
@@ -541,7 +542,7 @@ class Logger:
             writer.writeheader()
             writer.writerows(self.rows)
         mean = {k: float(v.mean()) for k, v in metrics.items()}
-        sps = (env_steps - self.last_steps) / max(now - self.last_time, 1e-9) if self.last_time else 0.0
+        sps = (env_steps - self.last_steps) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_steps = now, env_steps
         print(f"update {update:>5} | steps {env_steps:>11,} | return {mean['train_return']:9.1f} | "
               f"loss {mean['loss']:8.4f} | kl {mean['approx_kl']:.4f} | {sps:8,.0f} steps/s | {elapsed:7.1f} s",
