@@ -103,8 +103,9 @@ def main():
     for r in rows:
         cells = (r["population"], r["compile_s"], r["generation_s"], r["per_member_s"], f"{r['steps_per_s']:,}")
         print("| " + " | ".join(map(str, cells)) + " |")
-    with open(bench.out, "w") as f:
+    with open(bench.out + ".tmp", "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), rows=rows), f, indent=2)
+    os.replace(bench.out + ".tmp", bench.out)
 
 
 if __name__ == "__main__":

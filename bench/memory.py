@@ -55,8 +55,9 @@ def main():
     for r in rows:
         print(f"| {r['total_timesteps']:,} | {r['peak_rss_mb']:.1f} |")
     print(f"spread: {spread:.1%} of the smallest (target: within 10%)")
-    with open(bench.out, "w") as f:
+    with open(bench.out + ".tmp", "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), rows=rows, spread=spread), f, indent=2)
+    os.replace(bench.out + ".tmp", bench.out)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def main():
         print(f"| {tuple(r['hidden'])} | {r['epochs']} | {r['sps']:,.0f} | {r['sps_over_env_only']:.2f} | "
               f"{r['ms_per_update']:.1f} | {r['physics_share']:.0%} | {r['acting_share']:.0%} | "
               f"{r['learning_share']:.0%} |")  # fmt: skip
-    with open(prof.out, "w") as f:
+    with open(prof.out + ".tmp", "w") as f:
         json.dump(dict(env_only_sps=env["sps"], rows=rows), f, indent=2)
+    os.replace(prof.out + ".tmp", prof.out)
 
 
 if __name__ == "__main__":

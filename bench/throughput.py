@@ -6,7 +6,8 @@ In one process, one after another and `--repeats` times interleaved (so a noisy 
 alike), it measures: (1) env-only stepping with random actions in a jitted scan, the hard limit;
 (2) ppo.py's `train`; (3) brax.training.agents.ppo.train with the same env, backend, num_envs, rollout
 length, minibatches, epochs, networks (tanh MLPs, Gaussian policy with state-independent std) and
-total steps. It prints a table of medians and writes it as JSON.
+total steps. The steps/s of (2) and (3) count training alone, without compilation or evaluation (for Brax,
+its own training/sps). It prints a table of medians and writes it as JSON.
 """
 
 import dataclasses
@@ -42,6 +43,8 @@ class Bench:
     """Epochs per rollout (Brax: num_updates_per_batch)."""
     hidden_sizes: tuple[int, ...] = (256, 256)
     """Hidden layers of both the policy and the value network."""
+    init_std: float = 1.0
+    """Initial std of the policy's Gaussian, for both trainers."""
     total_timesteps: int = 1_000_000
     """Environment steps per training run."""
     repeats: int = 3
@@ -85,12 +88,14 @@ def env_only(bench, args):
 
 
 def ours(bench, args):
-    train = jax.jit(ppo.make_train(args))
+    """ppo.py's train; steps/s of training alone, like Brax's training/sps: timed from the end of update 1 to
+    the end of the last update before the final evaluation, from the per-update log callback."""
+    stamps = []
+    train = jax.jit(ppo.make_train(args, log_fn=lambda metrics: stamps.append(time.perf_counter())))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
     compile_s, run_s, (_, eval_returns) = compile_then_run(train, keys)
-    num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
-    steps = num_updates * args.num_envs * args.num_steps
-    return dict(compile_s=compile_s, run_s=run_s, sps=steps / run_s, eval_return=float(eval_returns.mean()))
+    sps = (len(stamps) - 2) * args.num_envs * args.num_steps / (stamps[-2] - stamps[0])
+    return dict(compile_s=compile_s, run_s=run_s, sps=sps, eval_return=float(eval_returns.mean()))
 
 
 def brax_trainer(bench, args):
@@ -109,6 +114,7 @@ def brax_trainer(bench, args):
         activation=jax.nn.tanh,
         distribution_type="normal",
         noise_std_type="log",
+        init_noise_std=args.init_std,
     )
     start = time.perf_counter()
     _, _, metrics = brax_ppo.train(
@@ -144,7 +150,7 @@ def brax_trainer(bench, args):
 def main():
     bench = tyro.cli(Bench, description=__doc__)
     matched = ("env", "backend", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-               "hidden_sizes")  # fmt: skip
+               "hidden_sizes", "init_std")  # fmt: skip
     args = ppo.resolve_args(ppo.Args(**{name: getattr(bench, name) for name in matched}))
     contenders = {"env-only": env_only, "ppo.py": ours}
     if not bench.skip_brax:
@@ -171,8 +177,9 @@ def main():
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     os.makedirs(os.path.dirname(bench.out) or ".", exist_ok=True)
-    with open(bench.out, "w") as f:
+    with open(bench.out + ".tmp", "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), backend=args.backend, table=table, ratios=ratios), f, indent=2)
+    os.replace(bench.out + ".tmp", bench.out)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Wall time to a target eval return: ppo.py and dpo.py against Brax's own PPO trainer at its best setting.
 
-    python bench/time_to_return.py --env ant --target 2000 --budget 1200000
+    python bench/time_to_return.py --env ant --target 2000 --budget 1200000 --evals 10
 
-ppo.py and dpo.py train for `--budget` steps with the given flags (default: the fast CPU setting of the
-README; tuples as comma lists, e.g. hidden_sizes=64,64); their time is compile + run, and counts only if
-their final deterministic evaluation reaches the target. Brax's trainer (its default networks and the
-setting found best here) trains for `--brax-budget` steps, evaluating `--brax-evals` times; its time to
-target is the wall time at its first evaluation at or above the target (its evaluation time included, as a
-user waits for it too). Each contender runs `--repeats` times with seeds 0, 1, ..., interleaved; the table
-gives the median time over the repeats (a repeat that misses the target counts as infinitely slow).
-Prints a table, writes JSON.
+Every contender is timed alike: the clock starts before anything is compiled, the contender evaluates its
+deterministic policy on 128 envs (one full episode each) at evenly spaced points of its budget, and its time
+to target is the wall time at its first evaluation at or above the target (evaluation time included, as a
+user waits for it too). ppo.py and dpo.py train for `--budget` steps with the given flags (default: the fast
+CPU setting of the README; tuples as comma lists, e.g. hidden_sizes=64,64) and `--evals` evaluations;
+Brax's trainer (its default networks and the setting found best here) trains for `--brax-budget` steps with
+`--brax-evals` evaluations (the first at step 0) and stops at its first evaluation at or above the target
+(nothing after it would change its time). Each contender runs `--repeats` times with seeds 0, 1, ...,
+interleaved; the table gives the median time over the repeats (a repeat that misses the target counts as
+infinitely slow). Prints a table; writes JSON after every run (atomically), so a killed bench keeps what it
+measured.
 """
 
 import dataclasses
@@ -37,6 +40,8 @@ class Bench:
     """Eval return to reach."""
     budget: int = 1_200_000
     """Env steps of the ppo.py and dpo.py runs."""
+    evals: int = 10
+    """Evaluations of the ppo.py and dpo.py runs, evenly spaced, the last at the end."""
     flags: tuple[str, ...] = ("num_envs=512", "num_steps=16", "num_minibatches=8", "update_epochs=4")
     """Args overrides for ppo.py and dpo.py, as name=value."""
     brax_budget: int = 2_500_000
@@ -62,15 +67,27 @@ def parse_flag(preset, flag):
 def ours(module, bench, seed):
     preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
     overrides = dict(parse_flag(preset, flag) for flag in bench.flags)
-    args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget, **overrides))
+    args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget,
+                                           num_evals=bench.evals, num_eval_envs=128, **overrides))  # fmt: skip
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seed, seed + 1))
+    evals = []
+
+    def log_fn(metrics):
+        if metrics["evaluated"]:
+            evals.append((time.perf_counter() - start, int(metrics["env_steps"]), float(metrics["eval_return"].mean())))
+
     start = time.perf_counter()
-    _, eval_returns = jax.block_until_ready(jax.jit(module.make_train(args))(keys))
-    seconds = time.perf_counter() - start
-    final = float(eval_returns.mean())
-    return dict(
-        seconds_to_budget=seconds, final_eval=final, seconds_to_target=seconds if final >= bench.target else None
-    )
+    jax.block_until_ready(jax.jit(module.make_train(args, log_fn=log_fn))(keys))
+    return summarise(evals, bench.target)
+
+
+def summarise(evals, target):
+    reached = [t for t, _, r in evals if r >= target]
+    return dict(evals=evals, final_eval=evals[-1][2], seconds_to_target=reached[0] if reached else None)
+
+
+class TargetReached(Exception):
+    """Raised from Brax's progress callback to end its run at the target."""
 
 
 def brax_trainer(bench, seed):
@@ -82,29 +99,37 @@ def brax_trainer(bench, seed):
     from brax.training.agents.ppo import train as brax_ppo
 
     evals = []
+
+    def progress_fn(step, metrics):
+        evals.append((time.perf_counter() - start, step, float(metrics["eval/episode_reward"])))
+        if evals[-1][2] >= bench.target:
+            raise TargetReached
+
     start = time.perf_counter()
-    brax_ppo.train(
-        environment=envs.get_environment(bench.env, backend="spring"),
-        num_timesteps=bench.brax_budget,
-        num_envs=512,
-        episode_length=1000,
-        learning_rate=3e-4,
-        entropy_cost=bench.brax_entropy,
-        discounting=0.97,
-        unroll_length=16,
-        batch_size=64,
-        num_minibatches=8,
-        num_updates_per_batch=4,
-        normalize_observations=True,
-        reward_scaling=bench.brax_reward_scaling,
-        num_evals=bench.brax_evals,
-        num_eval_envs=128,
-        deterministic_eval=True,
-        seed=seed,
-        progress_fn=lambda step, m: evals.append((time.perf_counter() - start, step, float(m["eval/episode_reward"]))),
-    )
-    reached = [t for t, _, r in evals if r >= bench.target]
-    return dict(evals=evals, final_eval=evals[-1][2], seconds_to_target=reached[0] if reached else None)
+    try:
+        brax_ppo.train(
+            environment=envs.get_environment(bench.env, backend="spring"),
+            num_timesteps=bench.brax_budget,
+            num_envs=512,
+            episode_length=1000,
+            learning_rate=3e-4,
+            entropy_cost=bench.brax_entropy,
+            discounting=0.97,
+            unroll_length=16,
+            batch_size=64,
+            num_minibatches=8,
+            num_updates_per_batch=4,
+            normalize_observations=True,
+            reward_scaling=bench.brax_reward_scaling,
+            num_evals=bench.brax_evals,
+            num_eval_envs=128,
+            deterministic_eval=True,
+            seed=seed,
+            progress_fn=progress_fn,
+        )
+    except TargetReached:
+        pass
+    return summarise(evals, bench.target)
 
 
 def main():
@@ -115,6 +140,7 @@ def main():
     for seed in range(bench.repeats):
         for name, run in contenders.items():
             results[name].append(run(seed))
+            write_json(bench, results)
             r = results[name][-1]
             print(f"{name} seed {seed}: final eval {r['final_eval']:.1f}, seconds to target {r['seconds_to_target']}")
             for step_time, step, value in r.get("evals", []):
@@ -125,7 +151,7 @@ def main():
 
     print(f"\n{bench.env}: wall time (compile included) to eval return ≥ {bench.target:g}, median of "
           f"{bench.repeats} run(s), on {os.cpu_count()} CPU cores")  # fmt: skip
-    print("| trainer | final eval per seed | reached | median seconds to target |\n|---|---|---|---|")
+    print("| trainer | last eval per seed | reached | median seconds to target |\n|---|---|---|---|")
     for name, runs in results.items():
         finals = ", ".join(f"{r['final_eval']:.0f}" for r in runs)
         reached = sum(r["seconds_to_target"] is not None for r in runs)
@@ -133,8 +159,13 @@ def main():
     brax_s = median_seconds(results["brax ppo"])
     for name in ("ppo.py", "dpo.py"):
         print(f"{name} / brax time: {median_seconds(results[name]) / brax_s:.2f} (target ≤ {1 / 1.5:.2f})")
-    with open(bench.out, "w") as f:
+    write_json(bench, results)
+
+
+def write_json(bench, results):
+    with open(bench.out + ".tmp", "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), results=results), f, indent=2)
+    os.replace(bench.out + ".tmp", bench.out)
 
 
 if __name__ == "__main__":

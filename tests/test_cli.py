@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--env", "inverted_pendulum", "--total-timesteps", "4096", "--num-envs", "32", "--num-steps", "16",
         "--num-minibatches", "4", "--update-epochs", "2", "--hidden-sizes", "16", "16", "--num-eval-envs", "4",
-        "--episode-length", "50", "--log-every", "2", "--num-seeds", "2"]  # fmt: skip
+        "--episode-length", "50", "--log-every", "2", "--num-seeds", "2", "--num-evals", "3"]  # fmt: skip
 SUMMARY_KEYS = {"env", "algo", "env_steps", "eval_return_mean", "eval_return_per_seed", "train_return_mean",
                 "compile_s", "run_s", "sps"}  # fmt: skip
 
@@ -47,7 +47,10 @@ def test_run_writes_every_output(dpo_runs):
     config = json.loads((tmp / "a" / "config.json").read_text())
     assert config["dpo_alpha"] == 2.0 and config["gamma"] is not None  # resolved, not None
     rows = list(csv.DictReader(open(tmp / "a" / "metrics.csv")))
-    assert [(r["seed"], r["update"]) for r in rows] == [(s, u) for u in ("2", "4", "6", "8") for s in ("0", "1")]
+    # every 2nd update is logged, and the 3 evaluations (8 updates: after updates 3, 6 and 8) are too
+    assert [(r["seed"], r["update"]) for r in rows] == [(s, u) for u in "23468" for s in "01"]
+    assert [r["update"] for r in rows if r["eval_return"]] == ["3", "3", "6", "6", "8", "8"]
+    assert [float(r["eval_return"]) for r in rows[-2:]] == pytest.approx(summary["eval_return_per_seed"], rel=1e-6)
     last_line = first.stdout.strip().splitlines()[-1]
     assert last_line.startswith("dpo inverted_pendulum: eval return") and "steps/s" in last_line
     assert any(name.startswith("offline-run") for name in os.listdir(tmp / "b" / "wandb"))  # W&B files stay in the run
