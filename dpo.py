@@ -158,6 +158,9 @@ def resolve_args(args: Args) -> Args:
     if args.total_timesteps < per_update:
         fail(f"--total-timesteps {args.total_timesteps} is less than one update "
              f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
+    if args.num_evals > args.total_timesteps // per_update:
+        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
+             f"(at most one evaluation per update)")  # fmt: skip
     if any(h <= 0 for h in args.hidden_sizes):
         fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
     return args

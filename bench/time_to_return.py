@@ -1,18 +1,18 @@
 """Wall time to a target eval return: ppo.py and dpo.py against Brax's own PPO trainer at its best setting.
 
-    python bench/time_to_return.py --env ant --target 2000 --budget 1200000 --evals 10
+    python bench/time_to_return.py --env ant --target 2000 --budget 655360 --evals 5 --repeats 3
 
 Every contender is timed alike: the clock starts before anything is compiled, the contender evaluates its
 deterministic policy on 128 envs (one full episode each) at evenly spaced points of its budget, and its time
 to target is the wall time at its first evaluation at or above the target (evaluation time included, as a
-user waits for it too). ppo.py and dpo.py train for `--budget` steps with the given flags (default: the fast
-CPU setting of the README; tuples as comma lists, e.g. hidden_sizes=64,64) and `--evals` evaluations;
-Brax's trainer (its default networks and the setting found best here) trains for `--brax-budget` steps with
-`--brax-evals` evaluations (the first at step 0) and stops at its first evaluation at or above the target
-(nothing after it would change its time). Each contender runs `--repeats` times with seeds 0, 1, ...,
-interleaved; the table gives the median time over the repeats (a repeat that misses the target counts as
-infinitely slow). Prints a table; writes JSON after every run (atomically), so a killed bench keeps what it
-measured.
+user waits for it too). ppo.py and dpo.py train for `--budget` steps with `--flags` (default: ant's fast CPU
+setting of the README; tuples as comma lists, e.g. hidden_sizes=64,64), dpo.py with `--dpo-flags` on top,
+and make `--evals` evaluations; Brax's trainer (its default networks and the setting found best here) trains
+for `--brax-budget` steps with `--brax-evals` evaluations (the first at step 0) and stops at its first
+evaluation at or above the target (nothing after it would change its time). Each contender runs `--repeats`
+times with seeds 0, 1, ..., interleaved; the table gives the median time over the repeats (a repeat that
+misses the target counts as infinitely slow). Prints a table; writes JSON after every run (atomically), so a
+killed bench keeps what it measured.
 """
 
 import dataclasses
@@ -38,13 +38,16 @@ class Bench:
     """Brax environment."""
     target: float = 2000.0
     """Eval return to reach."""
-    budget: int = 1_200_000
+    budget: int = 655_360
     """Env steps of the ppo.py and dpo.py runs."""
-    evals: int = 10
+    evals: int = 5
     """Evaluations of the ppo.py and dpo.py runs, evenly spaced, the last at the end."""
-    flags: tuple[str, ...] = ("num_envs=512", "num_steps=16", "num_minibatches=8", "update_epochs=4")
+    flags: tuple[str, ...] = ("num_envs=512", "num_steps=16", "num_minibatches=8", "update_epochs=8",
+                              "hidden_sizes=128,128", "init_std=0.6")  # fmt: skip
     """Args overrides for ppo.py and dpo.py, as name=value."""
-    brax_budget: int = 2_500_000
+    dpo_flags: tuple[str, ...] = ()
+    """Further overrides for dpo.py alone, applied after --flags (e.g. its own fast CPU setting)."""
+    brax_budget: int = 1_310_720
     """Env steps of the Brax run."""
     brax_evals: int = 11
     """Evaluations of the Brax run (the first at step 0)."""
@@ -54,6 +57,8 @@ class Bench:
     """Brax's entropy cost."""
     repeats: int = 1
     """Runs of each contender (seeds 0, 1, ...), interleaved."""
+    contenders: tuple[str, ...] = ("ppo.py", "dpo.py", "brax ppo")
+    """Which contenders to run (e.g. only dpo.py and brax ppo, to test a new dpo.py setting against Brax)."""
     out: str = "bench/time_to_return.json"
     """Where to write the table as JSON."""
 
@@ -61,12 +66,14 @@ class Bench:
 def parse_flag(preset, flag):
     name, value = flag.split("=")
     kind = type(getattr(preset, name))
+    if kind is bool:
+        return name, value.lower() in ("1", "true", "yes")
     return name, tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
 
 
-def ours(module, bench, seed):
+def ours(module, bench, seed, flags):
     preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
-    overrides = dict(parse_flag(preset, flag) for flag in bench.flags)
+    overrides = dict(parse_flag(preset, flag) for flag in flags)
     args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget,
                                            num_evals=bench.evals, num_eval_envs=128, **overrides))  # fmt: skip
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seed, seed + 1))
@@ -134,8 +141,14 @@ def brax_trainer(bench, seed):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
-    contenders = {"ppo.py": lambda seed: ours(ppo, bench, seed), "dpo.py": lambda seed: ours(dpo, bench, seed),
+    contenders = {"ppo.py": lambda seed: ours(ppo, bench, seed, bench.flags),
+                  "dpo.py": lambda seed: ours(dpo, bench, seed, bench.flags + bench.dpo_flags),
                   "brax ppo": lambda seed: brax_trainer(bench, seed)}  # fmt: skip
+    unknown = set(bench.contenders) - set(contenders)
+    if unknown or "brax ppo" not in bench.contenders:
+        raise SystemExit(f"error: --contenders {' '.join(bench.contenders)!r}: choose among {', '.join(contenders)}, "
+                         "brax ppo included (the ratios are to its time)")  # fmt: skip
+    contenders = {name: run for name, run in contenders.items() if name in bench.contenders}
     results = {name: [] for name in contenders}
     for seed in range(bench.repeats):
         for name, run in contenders.items():
@@ -157,7 +170,7 @@ def main():
         reached = sum(r["seconds_to_target"] is not None for r in runs)
         print(f"| {name} | {finals} | {reached}/{len(runs)} | {median_seconds(runs):.0f} |")
     brax_s = median_seconds(results["brax ppo"])
-    for name in ("ppo.py", "dpo.py"):
+    for name in [n for n in results if n != "brax ppo"]:
         print(f"{name} / brax time: {median_seconds(results[name]) / brax_s:.2f} (target ≤ {1 / 1.5:.2f})")
     write_json(bench, results)
 

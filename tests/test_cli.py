@@ -86,6 +86,10 @@ def test_help(script, tmp_path):
         (["--total-timesteps", "0"], "--total-timesteps must be positive, got 0"),
         (["--total-timesteps", "100", "--num-envs", "64", "--num-steps", "8"], "is less than one update"),
         (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+        (
+            ["--total-timesteps", "4096", "--num-envs", "64", "--num-steps", "16", "--num-evals", "5"],
+            "--num-evals 5 is more than the 4 updates",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error_before_compiling(bad_args, message, tmp_path):
