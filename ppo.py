@@ -348,7 +348,9 @@ def make_train(args, log_fn=None):
     `keys` holds one PRNG key per seed; every seed is vmapped. `log_fn(metrics)` is called from inside
     the jitted loop after every update with a dict of per-seed arrays (None: no logging)."""
     env = make_env(args)
-    init_params, policy, value = make_networks(args, env.observation_size, env.action_size)
+    # The observation size from the shapes alone: brax's env.observation_size runs a reset op by op (~9 s).
+    obs_size = jax.eval_shape(env.unwrapped.reset, jax.random.PRNGKey(0)).obs.shape[-1]
+    init_params, policy, value = make_networks(args, obs_size, env.action_size)
     evaluate = make_evaluate(args, policy)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
@@ -363,7 +365,7 @@ def make_train(args, log_fn=None):
         key, params_key, env_key = jax.random.split(key, 3)
         params = init_params(params_key)
         env_state = env.reset(jax.random.split(env_key, args.num_envs))
-        obs_stats = update_obs_stats(init_obs_stats(env.observation_size), env_state.obs)
+        obs_stats = update_obs_stats(init_obs_stats(obs_size), env_state.obs)
         zeros = jnp.zeros(args.num_envs)
         return RunnerState(params, optimizer.init(params), obs_stats, env_state, zeros, zeros > 0, key)
 

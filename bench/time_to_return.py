@@ -74,6 +74,7 @@ def parse_flag(preset, flag):
 def ours(module, bench, seed, flags):
     preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
     overrides = dict(parse_flag(preset, flag) for flag in flags)
+    start = time.perf_counter()  # from checking the flags on, as `python ppo.py` does
     args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget,
                                            num_evals=bench.evals, num_eval_envs=128, **overrides))  # fmt: skip
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seed, seed + 1))
@@ -83,7 +84,6 @@ def ours(module, bench, seed, flags):
         if metrics["evaluated"]:
             evals.append((time.perf_counter() - start, int(metrics["env_steps"]), float(metrics["eval_return"].mean())))
 
-    start = time.perf_counter()
     jax.block_until_ready(jax.jit(module.make_train(args, log_fn=log_fn))(keys))
     return summarise(evals, bench.target)
 
