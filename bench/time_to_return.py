@@ -64,16 +64,28 @@ class Bench:
 
 
 def parse_flag(preset, flag):
-    name, value = flag.split("=")
+    name, value = flag.split("=") if flag.count("=") == 1 else (None, None)
+    if not hasattr(preset, name or ""):
+        raise SystemExit(f"error: {flag!r} is not name=value with name a field of Args (see ppo.py --help)")
     kind = type(getattr(preset, name))
     if kind is bool:
-        return name, value.lower() in ("1", "true", "yes")
-    return name, tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+        if value.lower() not in ("true", "false"):
+            raise SystemExit(f"error: {flag!r}: {name} takes true or false")
+        return name, value.lower() == "true"
+    try:
+        return name, tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+    except ValueError:
+        wanted = "comma-separated ints" if kind is tuple else f"a value of type {kind.__name__}"
+        raise SystemExit(f"error: {flag!r}: {name} takes {wanted}") from None
+
+
+def parse_flags(module, bench, flags):
+    preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
+    return dict(parse_flag(preset, flag) for flag in flags)
 
 
 def ours(module, bench, seed, flags):
-    preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
-    overrides = dict(parse_flag(preset, flag) for flag in flags)
+    overrides = parse_flags(module, bench, flags)
     start = time.perf_counter()  # from checking the flags on, as `python ppo.py` does
     args = module.resolve_args(module.Args(env=bench.env, seed=seed, total_timesteps=bench.budget,
                                            num_evals=bench.evals, num_eval_envs=128, **overrides))  # fmt: skip
@@ -149,6 +161,9 @@ def main():
         raise SystemExit(f"error: --contenders {' '.join(bench.contenders)!r}: choose among {', '.join(contenders)}, "
                          "brax ppo included (the ratios are to its time)")  # fmt: skip
     contenders = {name: run for name, run in contenders.items() if name in bench.contenders}
+    for module, flags in ((ppo, bench.flags), (dpo, bench.flags + bench.dpo_flags)):  # bad flags fail now, not later
+        module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
+                                        **parse_flags(module, bench, flags)))  # fmt: skip
     results = {name: [] for name in contenders}
     for seed in range(bench.repeats):
         for name, run in contenders.items():
