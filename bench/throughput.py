@@ -81,7 +81,10 @@ def env_only(bench, args):
             state = env.step(state, action)
             return (state, key), state.reward.mean()
 
-        return jax.lax.scan(step, (state, key), None, steps)[1].mean()
+        # The final observations are returned too: where the reward does not depend on the state
+        # (inverted_pendulum's is 1 per step), XLA would otherwise drop the physics as dead code.
+        (state, _), rewards = jax.lax.scan(step, (state, key), None, steps)
+        return rewards.mean(), state.obs
 
     compile_s, run_s, _ = compile_then_run(run, jax.random.PRNGKey(1))
     return dict(compile_s=compile_s, run_s=run_s, sps=steps * bench.num_envs / run_s, eval_return=float("nan"))
