@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import dpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--env", "inverted_pendulum", "--total-timesteps", "4096", "--num-envs", "32", "--num-steps", "16",
@@ -40,6 +43,8 @@ def test_run_writes_every_output(dpo_runs):
     for name in ("params.msgpack", "replay.html"):
         assert os.path.getsize(tmp / "b" / name) > 0
     assert "<html" in (tmp / "b" / "replay.html").read_text().lower()
+    act, loaded_args = dpo.load_policy(str(tmp / "b" / "params.msgpack"), seed_index=1)  # a real run's file loads
+    assert loaded_args.env == "inverted_pendulum" and np.all(np.abs(act(np.ones((3, 4)))) <= 1.0)
     summary = json.loads((tmp / "a" / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["algo"] == "dpo" and summary["env"] == "inverted_pendulum" and summary["env_steps"] == 4096
