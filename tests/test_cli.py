@@ -1,6 +1,7 @@
 """ppo.py and dpo.py from the command line, as a user runs them: outputs, determinism, bad input, NaN."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,8 +44,13 @@ def test_run_writes_every_output(dpo_runs):
     for name in ("params.msgpack", "replay.html"):
         assert os.path.getsize(tmp / "b" / name) > 0
     assert "<html" in (tmp / "b" / "replay.html").read_text().lower()
-    act, loaded_args = dpo.load_policy(str(tmp / "b" / "params.msgpack"), seed_index=1)  # a real run's file loads
-    assert loaded_args.env == "inverted_pendulum" and np.all(np.abs(act(np.ones((3, 4)))) <= 1.0)
+    # a real run's file loads: its config is the run's, and each seed's policy is its own
+    (act_0, loaded_args), (act_1, _) = (dpo.load_policy(str(tmp / "b" / "params.msgpack"), i) for i in (0, 1))
+    assert json.loads(json.dumps(dataclasses.asdict(loaded_args))) == json.loads(
+        (tmp / "b" / "config.json").read_text()
+    )
+    obs = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    assert not np.array_equal(act_0(obs), act_1(obs))
     summary = json.loads((tmp / "a" / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["algo"] == "dpo" and summary["env"] == "inverted_pendulum" and summary["env_steps"] == 4096
