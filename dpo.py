@@ -332,6 +332,19 @@ def make_evaluate(args, policy):
 # Training: rollout → GAE → epochs of minibatch updates, all seeds vmapped, all updates in one scan.
 
 
+def shuffled_indices(key, n):
+    """A random permutation of range(n), for the minibatches. XLA's CPU sort is ~10x faster on one uint32
+    array than on the key-value pairs that jax.random.permutation sorts, so each index rides in the low bits
+    of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 - index_bits), ~10 at
+    n = 163,840): a sample's minibatch stays uniformly random, tied ones just tend to share it. Past 2^20
+    samples too few random bits are left, so the exact shuffle is used."""
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > 20:
+        return jax.random.permutation(key, n)
+    keys = jax.random.bits(key, (n,)) >> index_bits << index_bits | jnp.arange(n, dtype=jnp.uint32)
+    return (jnp.sort(keys) & (2**index_bits - 1)).astype(jnp.int32)
+
+
 class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
     action: jax.Array  # before the tanh squash
@@ -432,7 +445,7 @@ def make_train(args, log_fn=None):
             return (optax.apply_updates(params, updates), opt_state), dict(loss=loss, **metrics)
 
         def epoch(state, key):
-            order = jax.random.permutation(key, batch_size)
+            order = shuffled_indices(key, batch_size)
             shuffle = lambda x: x.reshape(batch_size, *x.shape[2:])[order].reshape(
                 args.num_minibatches, minibatch_size, *x.shape[2:]
             )

@@ -1,5 +1,6 @@
-"""GAE with terminations and time-outs, and the running observation statistics, against plain numpy."""
+"""GAE with terminations and time-outs, the running observation statistics and the minibatch shuffle."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,3 +65,22 @@ def test_running_obs_stats_match_numpy_over_all_batches():
     normalised = ppo.normalize_obs(stats, jnp.asarray(everything))
     np.testing.assert_allclose(np.asarray(normalised).mean(0), 0.0, atol=1e-4)
     assert float(jnp.abs(ppo.normalize_obs(stats, jnp.full((4,), 1e6))).max()) == 5.0  # clipped
+
+
+def test_minibatch_shuffle_is_a_uniform_permutation():
+    for n in (1, 2, 1000, 163_840, 2**20 + 1):  # the last one past the packed keys: jax's exact shuffle
+        order = np.asarray(ppo.shuffled_indices(jax.random.PRNGKey(n), n))
+        assert np.array_equal(np.sort(order), np.arange(n)), f"not a permutation at n = {n}"
+    # over 4,000 shuffles of 64 samples into 4 minibatches, every sample joins every minibatch ~1/4 of the time
+    n, minibatches, draws = 64, 4, 4000
+    orders = np.asarray(jax.vmap(lambda k: ppo.shuffled_indices(k, n))(jax.random.split(jax.random.PRNGKey(0), draws)))
+    minibatch_of = np.empty_like(orders)
+    np.put_along_axis(minibatch_of, orders, np.arange(n) // (n // minibatches), axis=1)
+    frequency = (minibatch_of[..., None] == np.arange(minibatches)).mean(0)
+    assert np.abs(frequency - 1 / minibatches).max() < 0.035  # binomial std 0.007
+    # at 2^20 samples only 12 random bits are left: neighbours must still share one of 32 minibatches ~1/32 of
+    # the time (ties add ~1/4,096), not as a block
+    n = 2**20
+    minibatch_of = np.empty(n, int)
+    minibatch_of[np.asarray(ppo.shuffled_indices(jax.random.PRNGKey(1), n))] = np.arange(n) // (n // 32)
+    assert abs(np.mean(minibatch_of[:-1] == minibatch_of[1:]) - 1 / 32) < 0.002  # binomial std 0.00017
