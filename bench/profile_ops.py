@@ -8,8 +8,8 @@ calls tells where it sits: num_updates × update_epochs × num_minibatches calls
 num_updates × num_steps, an env step (acting networks, wrappers); a multiple of that, the physics'
 substeps; num_updates × update_epochs, an epoch (the shuffle); num_updates, once per update (the critic
 over the rollout, GAE, the normaliser). The table gives each level's op time per update, summed over
-threads, so it can exceed the wall time where ops ran side by side; the tracing itself adds a few µs per op,
-which weighs most on the levels made of many small ops. Then the costliest ops of one gradient step, with
+threads, so it can exceed the wall time where ops ran side by side; tracing slows small ops most, so the
+levels made of many small ops (the physics) read high. Then the costliest ops of one gradient step, with
 their HLO (shapes and what they compute), from the compiled module.
 """
 
