@@ -577,6 +577,13 @@ def make_train(args, log_fn=None):
     return train
 
 
+def compiler_options():
+    """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
+    products to YNNPACK by default, which ran Brax's physics and these networks 1.4-1.9x slower than XLA's
+    own CPU kernels (bench/README.md). Other backends: none."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cells: one (env, algo) pair, all seeds; saved when finished, skipped when already saved with the same config.
 
@@ -692,7 +699,7 @@ def read_cell(path):
 def run_cell(args, path):
     """Trains one cell (all seeds vmapped, one compile) and saves its result atomically to path."""
     logger = CellLogger(args, path.removesuffix(".json") + ".metrics.csv")
-    train = jax.jit(make_train(args, log_fn=logger))
+    train = jax.jit(make_train(args, log_fn=logger), compiler_options=compiler_options())
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
     start = time.perf_counter()
     compiled = train.lower(keys).compile()

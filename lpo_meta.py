@@ -563,6 +563,13 @@ def make_train(args, log_fn=None):
     return train
 
 
+def compiler_options():
+    """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
+    products to YNNPACK by default, which ran Brax's physics and these networks 1.4-1.9x slower than XLA's
+    own CPU kernels (bench/README.md). Other backends: none."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The outer loop: OpenAI-ES on the drift network's parameters. evosax minimises, so it is told −return.
 
@@ -616,7 +623,7 @@ def make_generation(args, strategy, mesh):
         es_state, _ = strategy.tell(tell_key, population, -returns, es_state, es_params)
         return es_state, key, returns, sigma
 
-    return jax.jit(generation, in_shardings=replicated, out_shardings=replicated)
+    return jax.jit(generation, in_shardings=replicated, out_shardings=replicated, compiler_options=compiler_options())
 
 
 # ---------------------------------------------------------------------------------------------------

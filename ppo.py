@@ -476,6 +476,13 @@ def make_train(args, log_fn=None):
     return train
 
 
+def compiler_options():
+    """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
+    products to YNNPACK by default, which ran Brax's physics and these networks 1.4-1.9x slower than XLA's
+    own CPU kernels (bench/README.md). Other backends: none."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Saving and loading a trained policy.
 
@@ -512,7 +519,7 @@ def load_policy(path, seed_index=0):
     args = Args(**{**config, "hidden_sizes": tuple(config["hidden_sizes"])})
     pick = lambda x: jnp.asarray(x[seed_index])
     params, obs_stats = jax.tree.map(pick, (blob["params"], ObsStats(**blob["obs_stats"])))
-    return jax.jit(make_act(args, params, obs_stats)), args
+    return jax.jit(make_act(args, params, obs_stats), compiler_options=compiler_options()), args
 
 
 def write_replay(path, args, params, obs_stats, key):
@@ -523,7 +530,6 @@ def write_replay(path, args, params, obs_stats, key):
     act = make_act(args, *jax.tree.map(lambda x: x[0], (params, obs_stats)))
     num_steps = args.episode_length // args.action_repeat
 
-    @jax.jit
     def episode(key):
         def step(state, _):
             return env.step(state, act(state.obs)), state.pipeline_state
@@ -531,7 +537,7 @@ def write_replay(path, args, params, obs_stats, key):
         _, states = jax.lax.scan(step, env.reset(key), None, num_steps)
         return states
 
-    states = episode(key)
+    states = jax.jit(episode, compiler_options=compiler_options())(key)
     frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(num_steps)]
     atomic_write(path, html.render(env.sys.tree_replace({"opt.timestep": env.dt}), frames).encode())
 
@@ -620,7 +626,7 @@ def main():
     logger = Logger(args, out_dir, wandb_run)
     logging.getLogger("jax._src.debugging").setLevel(logging.CRITICAL)  # the NaN guard reports itself
 
-    train = jax.jit(make_train(args, log_fn=logger))
+    train = jax.jit(make_train(args, log_fn=logger), compiler_options=compiler_options())
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
     start = time.perf_counter()
     compiled = train.lower(keys).compile()

@@ -51,6 +51,8 @@ class Profile:
     """Hidden layers of the policy and value networks."""
     updates: int = 3
     """Updates in the traced run."""
+    ynn: bool = False
+    """Profile with XLA's default YNNPACK fusions, which ppo.py turns off on CPUs (`compiler_options`)."""
     top: int = 12
     """Ops of the gradient step to list."""
     out: str = "bench/profile_ops.json"
@@ -83,7 +85,8 @@ def main():
     n_upd, n_epochs = prof.updates, prof.updates * args.update_epochs
     n_grad, n_env = n_epochs * args.num_minibatches, prof.updates * args.num_steps
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
-    compiled = jax.jit(ppo.make_train(args)).lower(keys).compile()
+    options = {} if prof.ynn else ppo.compiler_options()
+    compiled = jax.jit(ppo.make_train(args), compiler_options=options).lower(keys).compile()
     jax.block_until_ready(compiled(keys))  # warm
     start = time.perf_counter()
     jax.block_until_ready(compiled(keys))
@@ -108,7 +111,8 @@ def main():
 
     print(f"\n{args.env}, {args.backend}, {args.num_envs} envs × {args.num_steps} steps, {args.num_minibatches} "
           f"minibatches × {args.update_epochs} epochs, hidden {args.hidden_sizes}; {prof.updates} updates in "
-          f"{wall_s:.2f} s untraced; {platform.machine()}, {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"{wall_s:.2f} s untraced; YNNPACK fusions {'on' if prof.ynn else 'off'}; {platform.machine()}, "
+          f"{os.cpu_count()} CPUs\n")  # fmt: skip
     print("| level | calls per op | ops | op ms per update | share |")
     print("|---|---|---|---|---|")
     table = []
@@ -131,8 +135,8 @@ def main():
         print(f"| {op} | {total[op] / n_grad:.0f} | `{text}` |")
         top.append(dict(op=op, us_per_call=total[op] / n_grad, hlo=text))
     with open(prof.out + ".tmp", "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), wall_s=wall_s, levels=table, grad_step_ms=step_us / 1e3,
-                       grad_step_top=top), f, indent=2)  # fmt: skip
+        json.dump(dict(args=dataclasses.asdict(args), ynn=prof.ynn, wall_s=wall_s, levels=table,
+                       grad_step_ms=step_us / 1e3, grad_step_top=top), f, indent=2)  # fmt: skip
     os.replace(prof.out + ".tmp", prof.out)
 
 

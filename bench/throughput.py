@@ -51,6 +51,10 @@ class Bench:
     """Interleaved repetitions; the table reports medians."""
     skip_brax: bool = False
     """Leave out Brax's trainer (e.g. where it does not import)."""
+    brax_ynn: bool = False
+    """Leave XLA's YNNPACK fusions on for Brax's trainer (jaxlib's default, as its users run it). Off (the
+    default): turned off process-wide, as ppo.py and dpo.py turn them off for themselves (`compiler_options`),
+    so that all contenders run on the same compiler settings."""
     out: str = "bench/throughput.json"
     """Where to write the table as JSON."""
 
@@ -70,7 +74,6 @@ def env_only(bench, args):
     env = ppo.make_env(args)
     steps = bench.total_timesteps // bench.num_envs
 
-    @jax.jit
     def run(key):
         state = env.reset(jax.random.split(key, bench.num_envs))
 
@@ -86,7 +89,7 @@ def env_only(bench, args):
         (state, _), rewards = jax.lax.scan(step, (state, key), None, steps)
         return rewards.mean(), state.obs
 
-    compile_s, run_s, _ = compile_then_run(run, jax.random.PRNGKey(1))
+    compile_s, run_s, _ = compile_then_run(jax.jit(run, compiler_options=ppo.compiler_options()), jax.random.PRNGKey(1))
     return dict(compile_s=compile_s, run_s=run_s, sps=steps * bench.num_envs / run_s, eval_return=float("nan"))
 
 
@@ -94,7 +97,8 @@ def ours(bench, args):
     """ppo.py's train; steps/s of training alone, like Brax's training/sps: timed from the end of update 1 to
     the end of the last update before the final evaluation, from the per-update log callback."""
     stamps = []
-    train = jax.jit(ppo.make_train(args, log_fn=lambda metrics: stamps.append(time.perf_counter())))
+    train = ppo.make_train(args, log_fn=lambda metrics: stamps.append(time.perf_counter()))
+    train = jax.jit(train, compiler_options=ppo.compiler_options())
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
     compile_s, run_s, (_, eval_returns) = compile_then_run(train, keys)
     sps = (len(stamps) - 2) * args.num_envs * args.num_steps / (stamps[-2] - stamps[0])
@@ -152,6 +156,8 @@ def brax_trainer(bench, args):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
+    if not bench.brax_ynn:  # before jax starts its backend, so that Brax's own jax.jit sees it too
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type="
     matched = ("env", "backend", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                "hidden_sizes", "init_std")  # fmt: skip
     args = ppo.resolve_args(ppo.Args(**{name: getattr(bench, name) for name in matched}))

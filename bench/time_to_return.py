@@ -55,6 +55,10 @@ class Bench:
     """Brax's reward scaling (its best setting here: 512 envs, unroll 16, batch 64 × 8, 4 passes, γ 0.97)."""
     brax_entropy: float = 1e-2
     """Brax's entropy cost."""
+    brax_ynn: bool = False
+    """Leave XLA's YNNPACK fusions on for Brax's trainer (jaxlib's default, as its users run it). Off (the
+    default): turned off process-wide, as ppo.py and dpo.py turn them off for themselves (`compiler_options`),
+    so that all contenders run on the same compiler settings."""
     repeats: int = 1
     """Runs of each contender (seeds 0, 1, ...), interleaved."""
     contenders: tuple[str, ...] = ("ppo.py", "dpo.py", "brax ppo")
@@ -96,7 +100,9 @@ def ours(module, bench, seed, flags):
         if metrics["evaluated"]:
             evals.append((time.perf_counter() - start, int(metrics["env_steps"]), float(metrics["eval_return"].mean())))
 
-    jax.block_until_ready(jax.jit(module.make_train(args, log_fn=log_fn))(keys))
+    jax.block_until_ready(
+        jax.jit(module.make_train(args, log_fn=log_fn), compiler_options=module.compiler_options())(keys)
+    )
     return summarise(evals, bench.target)
 
 
@@ -153,6 +159,8 @@ def brax_trainer(bench, seed):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
+    if not bench.brax_ynn:  # before jax starts its backend, so that Brax's own jax.jit sees it too
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type="
     contenders = {"ppo.py": lambda seed: ours(ppo, bench, seed, bench.flags),
                   "dpo.py": lambda seed: ours(dpo, bench, seed, bench.flags + bench.dpo_flags),
                   "brax ppo": lambda seed: brax_trainer(bench, seed)}  # fmt: skip

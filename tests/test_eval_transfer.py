@@ -110,7 +110,7 @@ def test_ppo_cell_matches_ppo_py(tiny_run):
     shared = {k: v for k, v in cell["config"].items() if k in ppo.Args.__dataclass_fields__}
     args = ppo.Args(**{**shared, "hidden_sizes": tuple(shared["hidden_sizes"])})
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
-    _, eval_returns = jax.jit(ppo.make_train(args))(keys)
+    _, eval_returns = jax.jit(ppo.make_train(args), compiler_options=ppo.compiler_options())(keys)
     np.testing.assert_array_equal(np.asarray(eval_returns).mean(axis=1), cell["eval_return_per_seed"])
 
 
