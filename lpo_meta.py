@@ -565,8 +565,8 @@ def make_train(args, log_fn=None):
 
 def compiler_options():
     """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
-    products to YNNPACK by default, which ran Brax's physics and these networks 1.4-1.9x slower than XLA's
-    own CPU kernels (bench/README.md). Other backends: none."""
+    products to YNNPACK by default, which ran Brax's physics 1.7-1.8x and whole training runs 1.2-1.8x slower
+    than XLA's own CPU kernels (bench/README.md). Other backends: none."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
