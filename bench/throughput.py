@@ -69,18 +69,17 @@ def compile_then_run(jitted, *inputs):
     return compile_s, time.perf_counter() - start, output
 
 
-def env_only(bench, args):
-    """Random actions in a jitted scan: the most a trainer on this machine could step."""
+def make_env_only(args, steps):
+    """run(key): `steps` steps of args.num_envs envs with random actions, in a scan (to be jitted)."""
     env = ppo.make_env(args)
-    steps = bench.total_timesteps // bench.num_envs
 
     def run(key):
-        state = env.reset(jax.random.split(key, bench.num_envs))
+        state = env.reset(jax.random.split(key, args.num_envs))
 
         def step(carry, _):
             state, key = carry
             key, action_key = jax.random.split(key)
-            action = jax.random.uniform(action_key, (bench.num_envs, env.action_size), minval=-1, maxval=1)
+            action = jax.random.uniform(action_key, (args.num_envs, env.action_size), minval=-1, maxval=1)
             state = env.step(state, action)
             return (state, key), state.reward.mean()
 
@@ -89,7 +88,14 @@ def env_only(bench, args):
         (state, _), rewards = jax.lax.scan(step, (state, key), None, steps)
         return rewards.mean(), state.obs
 
-    compile_s, run_s, _ = compile_then_run(jax.jit(run, compiler_options=ppo.compiler_options()), jax.random.PRNGKey(1))
+    return run
+
+
+def env_only(bench, args):
+    """Random actions in a jitted scan: the most a trainer on this machine could step."""
+    steps = bench.total_timesteps // bench.num_envs
+    run = jax.jit(make_env_only(args, steps), compiler_options=ppo.compiler_options())
+    compile_s, run_s, _ = compile_then_run(run, jax.random.PRNGKey(1))
     return dict(compile_s=compile_s, run_s=run_s, sps=steps * bench.num_envs / run_s, eval_return=float("nan"))
 
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from throughput import make_env_only  # noqa: E402  (bench/ is on the path when this runs as a script)
+
 import ppo  # noqa: E402
 
 
@@ -58,19 +60,8 @@ def main():
     sizes = {k: v for k, v in dataclasses.asdict(bench).items() if k.startswith(("num_", "update_", "hidden_"))}
     args = ppo.resolve_args(ppo.Args(env=bench.env, num_eval_envs=16, **sizes))
     args = ppo.resolve_args(dataclasses.replace(args, total_timesteps=bench.updates * args.num_envs * args.num_steps))
-    env, keys = ppo.make_env(args), jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
-
-    def env_only(key):
-        def step(carry, _):
-            state, key = carry
-            key, action_key = jax.random.split(key)
-            action = jax.random.uniform(action_key, (args.num_envs, env.action_size), minval=-1, maxval=1)
-            state = env.step(state, action)
-            return (state, key), state.reward.mean()
-
-        state = env.reset(jax.random.split(key, args.num_envs))
-        (state, _), rewards = jax.lax.scan(step, (state, key), None, bench.updates * args.num_steps)
-        return rewards.mean(), state.obs  # the observations too, so the physics is not dead code
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(1))
+    env_only = make_env_only(args, bench.updates * args.num_steps)
 
     variants = {"YNNPACK on (jaxlib default)": {}, "YNNPACK off (the scripts)": ppo.compiler_options()}
     compiled, times = {}, {name: {"train_s": [], "env_only_s": []} for name in variants}
