@@ -333,7 +333,7 @@ def make_evaluate(args, policy):
 
 
 def shuffled_indices(key, n):
-    """A random permutation of range(n), for the minibatches. XLA's CPU sort is 5-14x faster on one uint32
+    """A random permutation of range(n), for the minibatches. XLA's CPU sort is 4-14x faster on one uint32
     array than on the key-value pairs jax.random.permutation sorts (bench/shuffle.py), so each index rides in
     the low bits of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 -
     index_bits), ~10 at n = 163,840): a sample's minibatch stays uniformly random, tied ones just tend to
@@ -487,7 +487,7 @@ def make_train(args, log_fn=None):
 
 def compiler_options():
     """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
-    products to YNNPACK by default, which ran Brax's physics 1.7-1.8x and whole training runs 1.2-1.8x slower
+    products to YNNPACK by default, which ran Brax's physics 1.6-1.8x and whole training runs 1.2-1.8x slower
     than XLA's own CPU kernels (bench/README.md). Other backends: none."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 

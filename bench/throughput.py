@@ -59,6 +59,14 @@ class Bench:
     """Where to write the table as JSON."""
 
 
+def machine():
+    """What the figures came from: CPU model, cores, date, jax version."""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    model = names[0] if names else platform.processor()
+    return dict(cpu=model, cores=os.cpu_count(), date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__)
+
+
 def compile_then_run(jitted, *inputs):
     """Seconds to compile, seconds to run (compiled, so the run excludes compilation), and the output."""
     start = time.perf_counter()
@@ -178,9 +186,12 @@ def main():
             print(f"[{repeat + 1}/{bench.repeats}] {name:9s} compile {r['compile_s']:6.1f} s  run {r['run_s']:7.1f} s  "
                   f"{r['sps']:9,.0f} steps/s  eval {r['eval_return']:8.1f}", flush=True)  # fmt: skip
     table = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
-    ratios = {"ppo.py / env-only": table["ppo.py"]["sps"] / table["env-only"]["sps"]}
-    if "brax ppo" in table:
-        ratios["ppo.py / brax ppo"] = table["ppo.py"]["sps"] / table["brax ppo"]["sps"]
+    # Each ratio is taken within a repeat, between neighbouring runs, then its median over the repeats: the
+    # machine's speed drifts between repeats more than between two runs in a row.
+    pairs = {"ppo.py / env-only": "env-only", "ppo.py / brax ppo": "brax ppo"}
+    per_repeat = {label: [a["sps"] / b["sps"] for a, b in zip(results["ppo.py"], results[other], strict=True)]
+                  for label, other in pairs.items() if other in results}  # fmt: skip
+    ratios = {label: statistics.median(values) for label, values in per_repeat.items()}
     print(f"\n{bench.env} ({args.backend}), {bench.num_envs} envs × {bench.num_steps} steps, {bench.num_minibatches} "
           f"minibatches × {bench.update_epochs} epochs, hidden {bench.hidden_sizes}, {bench.total_timesteps:,} steps, "
           f"median of {bench.repeats} on {os.cpu_count()} CPU cores ({platform.machine()})")  # fmt: skip
@@ -190,10 +201,11 @@ def main():
             f"| {name:9s} | {r['compile_s']:9.1f} | {r['run_s']:6.1f} | {r['sps']:7,.0f} | {r['eval_return']:11.1f} |"
         )
     for name, value in ratios.items():
-        print(f"{name}: {value:.2f}")
+        print(f"{name}: {value:.2f} (per repeat: {', '.join(f'{v:.2f}' for v in per_repeat[name])})")
     os.makedirs(os.path.dirname(bench.out) or ".", exist_ok=True)
     with open(bench.out + ".tmp", "w") as f:
-        json.dump(dict(config=dataclasses.asdict(bench), backend=args.backend, table=table, ratios=ratios), f, indent=2)
+        json.dump(dict(config=dataclasses.asdict(bench), backend=args.backend, table=table, ratios=ratios,
+                       ratios_per_repeat=per_repeat, runs=results, machine=machine()), f, indent=2)  # fmt: skip
     os.replace(bench.out + ".tmp", bench.out)
 
 
