@@ -12,15 +12,20 @@ steps, ppo.py could train at most at
 
     ceiling = physics time / (physics time + gradient steps' time)   per update
 
-of env-only's speed. `--variants` times other ways of writing the same step, to see whether the step
-itself can be made cheaper: `flatten` (Adam on one flat vector, optax.flatten), `transposed_wgrad` (a custom
-VJP for the dense layers that transposes the activations before the weight gradient, so that XLA's CPU dot
-contracts along the fast axis).
+of env-only's speed. `--variants` times other ways of writing or compiling the same step, to see whether
+the step itself can be made cheaper: `flatten` (Adam on one flat vector, optax.flatten), `transposed_wgrad`
+(a custom VJP for the dense layers that transposes the activations before the weight gradient, so that
+XLA's CPU dot contracts along the fast axis), and `xla:NAME=VALUE` (the scripts' step compiled with one more
+XLA option on top of theirs), e.g.
+
+    python bench/grad_step.py --variants ppo.py xla:xla_cpu_prefer_vector_width=512 \
+        xla:xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
 """
 
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -39,7 +44,7 @@ class Bench:
     throughput: str = "bench/throughput_ant_128.json"
     """A throughput.py JSON file: its setting and its env-only steps/s."""
     variants: tuple[str, ...] = ("ppo.py", "flatten", "transposed_wgrad")
-    """Ways of writing the step to time: ppo.py (as the scripts do it), flatten, transposed_wgrad."""
+    """Ways of writing the step to time: ppo.py (as the scripts do it), flatten, transposed_wgrad, xla:NAME=VALUE."""
     repeats: int = 7
     """Timed calls per variant, interleaved; the table gives medians."""
     out: str = "bench/grad_step.json"
@@ -102,7 +107,15 @@ def make_step_scan(args, obs_size, action_size, variant):
         (params, _), _ = jax.lax.scan(epoch, (params, optimizer.init(params)), None, args.update_epochs)
         return params
 
-    return init, jax.jit(run, compiler_options=ppo.compiler_options())
+    return init, jax.jit(run, compiler_options={**ppo.compiler_options(), **xla_option(variant)})
+
+
+def xla_option(variant):
+    """{NAME: VALUE} for a variant xla:NAME=VALUE (VALUE as an int or a bool where it reads as one), else {}."""
+    if not variant.startswith("xla:"):
+        return {}
+    name, value = variant.removeprefix("xla:").split("=", 1)
+    return {name: int(value) if value.isdigit() else {"true": True, "false": False}.get(value.lower(), value)}
 
 
 def step_flops(args, obs_size, action_size, minibatch_size):
@@ -118,6 +131,10 @@ def step_flops(args, obs_size, action_size, minibatch_size):
 
 def main():
     bench = tyro.cli(Bench, description=__doc__)
+    for variant in bench.variants:
+        if variant not in ("ppo.py", "flatten", "transposed_wgrad") and not re.fullmatch(r"xla:\w+=.+", variant):
+            allowed = "ppo.py, flatten, transposed_wgrad or xla:NAME=VALUE"
+            raise SystemExit(f"error: unknown variant {variant!r}; choose {allowed}")
     with open(bench.throughput) as f:
         measured = json.load(f)
     setting = {k: v for k, v in measured["config"].items() if k in ppo.Args.__dataclass_fields__}
