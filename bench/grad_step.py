@@ -135,12 +135,15 @@ def main():
         if variant not in ("ppo.py", "flatten", "transposed_wgrad") and not re.fullmatch(r"xla:\w+=.+", variant):
             allowed = "ppo.py, flatten, transposed_wgrad or xla:NAME=VALUE"
             raise SystemExit(f"error: unknown variant {variant!r}; choose {allowed}")
-    with open(bench.throughput) as f:
-        measured = json.load(f)
+    try:
+        with open(bench.throughput) as f:
+            measured = json.load(f)
+        env_only_sps = measured["table"]["env-only"]["sps"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --throughput {bench.throughput!r} is not a throughput.py JSON file ({e!r})") from None
     setting = {k: v for k, v in measured["config"].items() if k in ppo.Args.__dataclass_fields__}
     setting["hidden_sizes"] = tuple(setting["hidden_sizes"])
     args = ppo.resolve_args(ppo.Args(**setting))
-    env_only_sps = measured["table"]["env-only"]["sps"]
     env = ppo.make_env(args)
     obs_size = jax.eval_shape(env.unwrapped.reset, jax.random.PRNGKey(0)).obs.shape[-1]
     batch = args.num_envs * args.num_steps
