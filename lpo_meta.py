@@ -75,6 +75,11 @@ class Args:
     loss's gradient would dominate the norm and shrink the policy's steps)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
+    normalize_rewards: bool = False
+    """Divide rewards, for learning only, by the running std of each env's discounted return (no mean subtracted)."""
+    vf_clip: float | None = None
+    """Clip each value update: the loss is the larger squared error of V and of V_old + clip(V − V_old, ±vf_clip)
+    (None: off)."""
     normalize_obs: bool = True
     """Normalise observations with running statistics, clipped to [-5, 5]."""
     episode_length: int = 1000
@@ -84,7 +89,10 @@ class Args:
     hidden_sizes: tuple[int, ...] = (256, 256)
     """Hidden layer widths of the policy and of the value network (tanh)."""
     init_std: float = 1.0
-    """Initial std of the policy's Gaussian, before the tanh squash (learnt, state-independent)."""
+    """Initial std of the policy's Gaussian (learnt, state-independent)."""
+    tanh_squash: bool = True
+    """Squash the Gaussian's sample into the action range [-1, 1] by tanh; --no-tanh-squash clips it there
+    instead. Either way log-probabilities and ratios are those of the Gaussian sample."""
     num_eval_envs: int = 128
     """Environments in each deterministic evaluation (one full episode each, the mean action)."""
     num_evals: int = 1
@@ -170,9 +178,9 @@ def resolve_args(args: Args) -> Args:
         envs.get_environment(args.env, backend=args.backend)
     except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
         fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
-    positive_floats = ("learning_rate", "reward_scaling", "init_std")
-    for name, value in dataclasses.asdict(args).items():  # every count and size, and these three floats
-        if (type(value) is int and name != "seed" or name in positive_floats) and not value > 0:
+    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
+    for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
+        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
@@ -256,6 +264,11 @@ def make_networks(args, obs_size, action_size):
         return critic.apply(params["critic"], obs)[..., 0]
 
     return init, policy, value
+
+
+def env_action(x, tanh_squash=True):
+    """A Gaussian sample (or mean) → an action in [-1, 1]."""
+    return jnp.tanh(x) if tanh_squash else jnp.clip(x, -1.0, 1.0)
 
 
 def gaussian_log_prob(x, mean, log_std):
@@ -393,7 +406,7 @@ def make_evaluate(args, policy):
         def step(carry, _):
             state, total, alive = carry
             mean, _ = policy(params, normalize_obs(obs_stats, state.obs, args.normalize_obs))
-            state = env.step(state, jnp.tanh(mean))
+            state = env.step(state, env_action(mean, args.tanh_squash))
             total = total + jnp.where(alive, state.reward, 0.0)
             return (state, total, alive & (state.done == 0)), None
 
@@ -425,7 +438,7 @@ class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
     action: jax.Array  # before the tanh squash
     log_prob: jax.Array
-    reward: jax.Array  # scaled
+    reward: jax.Array  # times reward_scaling, not yet normalised
     termination: jax.Array
     done: jax.Array
 
@@ -434,6 +447,8 @@ class RunnerState(NamedTuple):
     params: dict
     opt_state: optax.OptState
     obs_stats: ObsStats
+    return_stats: ObsStats  # of the discounted return, for reward normalisation
+    discounted: jax.Array  # per env: its discounted return so far
     env_state: envs.State
     last_return: jax.Array  # per env: the return of its last finished episode
     finished: jax.Array  # per env: has it finished an episode yet
@@ -467,49 +482,60 @@ def make_train(args, log_fn=None):
         env_state = env.reset(jax.random.split(env_key, args.num_envs))
         obs_stats = update_obs_stats(init_obs_stats(obs_size), env_state.obs)
         zeros = jnp.zeros(args.num_envs)
-        return RunnerState(params, optimizer.init(params), obs_stats, env_state, zeros, zeros > 0, key)
+        return RunnerState(params, optimizer.init(params), obs_stats, init_obs_stats(1), zeros, env_state, zeros,
+                           zeros > 0, key)  # fmt: skip
 
     def env_step(runner, _):
         key, action_key = jax.random.split(runner.key)
         obs = normalize_obs(runner.obs_stats, runner.env_state.obs, args.normalize_obs)
         mean, log_std = policy(runner.params, obs)
         action = mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape)
-        env_state = env.step(runner.env_state, jnp.tanh(action))
+        env_state = env.step(runner.env_state, env_action(action, args.tanh_squash))
         done = env_state.done
+        reward = env_state.reward * args.reward_scaling
+        discounted = runner.discounted * args.gamma + reward
         episode_done = env_state.info["episode_done"] > 0
         transition = Transition(
             obs=obs,
             action=action,
             log_prob=gaussian_log_prob(action, mean, log_std),
-            reward=env_state.reward * args.reward_scaling,
+            reward=reward,
             termination=done * (1.0 - env_state.info["truncation"]),
             done=done,
         )
         last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
-        runner = runner._replace(
-            env_state=env_state, last_return=last_return, finished=runner.finished | episode_done, key=key
-        )
-        return runner, (transition, env_state.info["final_obs"])
+        runner = runner._replace(env_state=env_state, discounted=discounted * (1.0 - done), last_return=last_return,
+                                 finished=runner.finished | episode_done, key=key)  # fmt: skip
+        return runner, (transition, env_state.info["final_obs"], discounted)
 
     def update_seed(runner, update):
-        runner, (batch, final_obs) = jax.lax.scan(env_step, runner, None, args.num_steps)
+        runner, (batch, final_obs, discounted) = jax.lax.scan(env_step, runner, None, args.num_steps)
+        # One reward scale per rollout, from statistics that include it: the first rollout's returns are already
+        # spread, where per-step statistics start from envs in lockstep (a variance near 0, rewards ~1e4).
+        return_stats = update_obs_stats(runner.return_stats, discounted[..., None])
+        scale = jax.lax.rsqrt(return_stats.var[0] + 1e-8) if args.normalize_rewards else 1.0
         # The critic runs once over the whole rollout (larger matrix products than step by step); V of the
         # true next state bootstraps time-outs.
         values = value(runner.params, batch.obs)
         next_values = value(runner.params, normalize_obs(runner.obs_stats, final_obs, args.normalize_obs))
         advantages, targets = compute_gae(
-            batch.reward, values, next_values, batch.termination, batch.done, args.gamma, args.gae_lambda
+            batch.reward * scale, values, next_values, batch.termination, batch.done, args.gamma, args.gae_lambda
         )
 
         def loss_fn(params, minibatch):
-            transition, advantages, targets = minibatch
+            transition, advantages, targets, old_values = minibatch
             mean, log_std = policy(params, transition.obs)
             log_ratio = gaussian_log_prob(transition.action, mean, log_std) - transition.log_prob
             ratio = jnp.exp(log_ratio)
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             drift = lpo_drift(args.drift_params, ratio, advantages, update / num_updates, *drift_config)
             policy_loss = -jnp.mean(ratio * advantages - drift)
-            value_loss = 0.5 * jnp.mean((value(params, transition.obs) - targets) ** 2)
+            new_values = value(params, transition.obs)
+            value_loss = (new_values - targets) ** 2
+            if args.vf_clip is not None:
+                clipped = old_values + jnp.clip(new_values - old_values, -args.vf_clip, args.vf_clip)
+                value_loss = jnp.maximum(value_loss, (clipped - targets) ** 2)
+            value_loss = 0.5 * jnp.mean(value_loss)
             entropy = jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e))  # of the Gaussian, before the squash
             loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
             approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
@@ -527,14 +553,15 @@ def make_train(args, log_fn=None):
             shuffle = lambda x: x.reshape(batch_size, *x.shape[2:])[order].reshape(
                 args.num_minibatches, minibatch_size, *x.shape[2:]
             )
-            minibatches = jax.tree.map(shuffle, (batch, advantages, targets))
+            minibatches = jax.tree.map(shuffle, (batch, advantages, targets, values))
             return jax.lax.scan(minibatch_step, state, minibatches)
 
         key, epoch_key = jax.random.split(runner.key)
         epoch_keys = jax.random.split(epoch_key, args.update_epochs)
         (params, opt_state), metrics = jax.lax.scan(epoch, (runner.params, runner.opt_state), epoch_keys)
         obs_stats = update_obs_stats(runner.obs_stats, final_obs) if args.normalize_obs else runner.obs_stats
-        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, key=key)
+        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, return_stats=return_stats,
+                                 key=key)  # fmt: skip
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["train_return"] = jnp.sum(runner.last_return * runner.finished) / jnp.maximum(runner.finished.sum(), 1)
         metrics["episodes_finished"] = runner.finished.mean()

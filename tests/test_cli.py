@@ -117,4 +117,9 @@ def test_a_run_that_goes_nan_stops_and_names_the_update(tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training diverged:") and "NaN/inf at update" in last, result.stderr[-2000:]
-    assert not (tmp_path / "o" / "summary.json").exists()
+    # what was reached is kept: summary.json, marked diverged, names the same update as the error
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["error"] == last.removeprefix("error: ")
+    assert f"at update {summary['diverged_at_update']} ({summary['diverged_at_env_steps']} steps)" in last
+    rows = list(csv.DictReader(open(tmp_path / "o" / "metrics.csv")))
+    assert all(int(r["update"]) < summary["diverged_at_update"] for r in rows)

@@ -52,7 +52,8 @@ def test_save_load_gives_identical_actions(tmp_path):
         assert loaded_args == args
         one_params, one_stats = jax.tree.map(lambda x, i=seed_index: x[i], (params, stats))
         # compiled as load_policy compiles act: XLA's CPU kernels round differently with other options
-        expected = jax.jit(lambda o, p=one_params, s=one_stats: jnp.tanh(policy(p, ppo.normalize_obs(s, o))[0]),
+        mean = lambda o, p=one_params, s=one_stats: policy(p, ppo.normalize_obs(s, o))[0]
+        expected = jax.jit(lambda o, mean=mean: ppo.env_action(mean(o), args.tanh_squash),
                            compiler_options=ppo.compiler_options())(obs)  # fmt: skip
         np.testing.assert_array_equal(act(obs), expected)
     # the two seeds' policies differ, so the test would notice a seed mix-up
