@@ -90,7 +90,8 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
-    """Divide rewards, for learning only, by the running std of each env's discounted return (no mean subtracted)."""
+    """Divide rewards, for learning only, by the running std of the envs' discounted returns (no mean subtracted),
+    one scale per rollout."""
     vf_clip: float | None = None
     """Clip each value update: the loss is the larger squared error of V and of V_old + clip(V − V_old, ±vf_clip)
     (None: off)."""
@@ -450,7 +451,7 @@ def shuffled_indices(key, n):
 
 class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
-    action: jax.Array  # before the tanh squash
+    action: jax.Array  # the Gaussian sample, before the tanh squash or the clip
     log_prob: jax.Array
     reward: jax.Array  # times reward_scaling, not yet normalised
     termination: jax.Array
@@ -526,8 +527,10 @@ def make_train(args, log_fn=None):
         runner, (batch, final_obs, discounted) = jax.lax.scan(env_step, runner, None, args.num_steps)
         # One reward scale per rollout, from statistics that include it: the first rollout's returns are already
         # spread, where per-step statistics start from envs in lockstep (a variance near 0, rewards ~1e4).
-        return_stats = update_obs_stats(runner.return_stats, discounted[..., None])
-        scale = jax.lax.rsqrt(return_stats.var[0] + 1e-8) if args.normalize_rewards else 1.0
+        return_stats, scale = runner.return_stats, 1.0
+        if args.normalize_rewards:
+            return_stats = update_obs_stats(return_stats, discounted[..., None])
+            scale = jax.lax.rsqrt(return_stats.var[0] + 1e-8)
         # The critic runs once over the whole rollout (larger matrix products than step by step); V of the
         # true next state bootstraps time-outs.
         values = value(runner.params, batch.obs)
