@@ -121,5 +121,7 @@ def test_a_run_that_goes_nan_stops_and_names_the_update(tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["diverged"] is True and summary["error"] == last.removeprefix("error: ")
     assert f"at update {summary['diverged_at_update']} ({summary['diverged_at_env_steps']} steps)" in last
-    rows = list(csv.DictReader(open(tmp_path / "o" / "metrics.csv")))
+    metrics = tmp_path / "o" / "metrics.csv"  # absent when the NaN came before the first logged update
+    rows = list(csv.DictReader(open(metrics))) if metrics.exists() else []
     assert all(int(r["update"]) < summary["diverged_at_update"] for r in rows)
+    assert summary["eval_return_per_seed"] == [float(r["eval_return"]) for r in rows if r["eval_return"]][-2:]
