@@ -71,9 +71,9 @@ class Args:
     loss's gradient would dominate the norm and shrink the policy's steps)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
-    normalize_rewards: bool = False
+    normalize_rewards: bool = True
     """Divide rewards, for learning only, by the running std of the envs' discounted returns (no mean subtracted),
-    one scale per rollout."""
+    updated every step, and clip them to [-10, 10]; --no-normalize-rewards learns from the scaled rewards."""
     vf_clip: float | None = None
     """Clip each value update: the loss is the larger squared error of V and of V_old + clip(V − V_old, ±vf_clip)
     (None: off)."""
@@ -87,9 +87,9 @@ class Args:
     """Hidden layer widths of the policy and of the value network (tanh)."""
     init_std: float = 1.0
     """Initial std of the policy's Gaussian (learnt, state-independent)."""
-    tanh_squash: bool = True
-    """Squash the Gaussian's sample into the action range [-1, 1] by tanh; --no-tanh-squash clips it there
-    instead. Either way log-probabilities and ratios are those of the Gaussian sample."""
+    tanh_squash: bool = False
+    """Squash the Gaussian's sample into the action range [-1, 1] by tanh instead of clipping it there. Either
+    way log-probabilities and ratios are those of the Gaussian sample."""
     num_eval_envs: int = 128
     """Environments in each deterministic evaluation (one full episode each, the mean action)."""
     num_evals: int = 1
@@ -239,7 +239,9 @@ def dpo_drift(ratio, advantages, alpha=2.0, beta=0.6):
     A < 0: ReLU(log(r)·A − β·tanh(log(r)·A / β)), whose objective has an interior maximum r* < 1, so
     ratios pushed below r* are pulled back up ("rollback")."""
     x_pos = (ratio - 1.0) * advantages
-    x_neg = jnp.log(ratio) * advantages
+    # log of a ratio kept ≥ the smallest normal float: r = 0 (log r < -87 underflows) would give NaN gradients,
+    # through either branch of the where
+    x_neg = jnp.log(jnp.maximum(ratio, jnp.finfo(ratio.dtype).tiny)) * advantages
     positive = jax.nn.relu(x_pos - alpha * jnp.tanh(x_pos / alpha))
     negative = jax.nn.relu(x_neg - beta * jnp.tanh(x_neg / beta))
     return jnp.where(advantages >= 0, positive, negative)
@@ -363,7 +365,7 @@ class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
     action: jax.Array  # the Gaussian sample, before the tanh squash or the clip
     log_prob: jax.Array
-    reward: jax.Array  # times reward_scaling, not yet normalised
+    reward: jax.Array  # times reward_scaling, then normalised (normalize_rewards)
     termination: jax.Array
     done: jax.Array
 
@@ -417,6 +419,10 @@ def make_train(args, log_fn=None):
         done = env_state.done
         reward = env_state.reward * args.reward_scaling
         discounted = runner.discounted * args.gamma + reward
+        return_stats = runner.return_stats
+        if args.normalize_rewards:  # statistics of every env's return so far; clipped while they are young
+            return_stats = update_obs_stats(return_stats, discounted[:, None])
+            reward = jnp.clip(reward * jax.lax.rsqrt(return_stats.var[0] + 1e-8), -10.0, 10.0)
         episode_done = env_state.info["episode_done"] > 0
         transition = Transition(
             obs=obs,
@@ -427,24 +433,18 @@ def make_train(args, log_fn=None):
             done=done,
         )
         last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
-        runner = runner._replace(env_state=env_state, discounted=discounted * (1.0 - done), last_return=last_return,
-                                 finished=runner.finished | episode_done, key=key)  # fmt: skip
-        return runner, (transition, env_state.info["final_obs"], discounted)
+        runner = runner._replace(env_state=env_state, return_stats=return_stats, discounted=discounted * (1.0 - done),
+                                 last_return=last_return, finished=runner.finished | episode_done, key=key)  # fmt: skip
+        return runner, (transition, env_state.info["final_obs"])
 
     def update_seed(runner, update):
-        runner, (batch, final_obs, discounted) = jax.lax.scan(env_step, runner, None, args.num_steps)
-        # One reward scale per rollout, from statistics that include it: the first rollout's returns are already
-        # spread, where per-step statistics start from envs in lockstep (a variance near 0, rewards ~1e4).
-        return_stats, scale = runner.return_stats, 1.0
-        if args.normalize_rewards:
-            return_stats = update_obs_stats(return_stats, discounted[..., None])
-            scale = jax.lax.rsqrt(return_stats.var[0] + 1e-8)
+        runner, (batch, final_obs) = jax.lax.scan(env_step, runner, None, args.num_steps)
         # The critic runs once over the whole rollout (larger matrix products than step by step); V of the
         # true next state bootstraps time-outs.
         values = value(runner.params, batch.obs)
         next_values = value(runner.params, normalize_obs(runner.obs_stats, final_obs, args.normalize_obs))
         advantages, targets = compute_gae(
-            batch.reward * scale, values, next_values, batch.termination, batch.done, args.gamma, args.gae_lambda
+            batch.reward, values, next_values, batch.termination, batch.done, args.gamma, args.gae_lambda
         )
 
         def loss_fn(params, minibatch):
@@ -485,8 +485,7 @@ def make_train(args, log_fn=None):
         epoch_keys = jax.random.split(epoch_key, args.update_epochs)
         (params, opt_state), metrics = jax.lax.scan(epoch, (runner.params, runner.opt_state), epoch_keys)
         obs_stats = update_obs_stats(runner.obs_stats, final_obs) if args.normalize_obs else runner.obs_stats
-        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, return_stats=return_stats,
-                                 key=key)  # fmt: skip
+        runner = runner._replace(params=params, opt_state=opt_state, obs_stats=obs_stats, key=key)
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["train_return"] = jnp.sum(runner.last_return * runner.finished) / jnp.maximum(runner.finished.sum(), 1)
         metrics["episodes_finished"] = runner.finished.mean()
