@@ -72,3 +72,14 @@ def test_dpo_rolls_back_below_the_interior_maximum(advantage, r_star):
     slope = jax.vmap(jax.grad(lambda x, y: x * y - dpo.dpo_drift(x, y, 2.0, 0.6)))(r, a)
     assert jnp.all(slope[r < found - 0.01] > 0)  # below r* the gradient pushes the ratio back up
     assert jnp.all(slope[(r > found + 0.01) & (r < 0.99)] < 0)
+
+
+@pytest.mark.parametrize("name", DRIFTS)
+def test_gradients_stay_finite_where_the_ratio_underflows(name):
+    # training computes r = exp(log π_new − log π_old); below log r ≈ −87 r is 0 or subnormal, and log(0) = −inf
+    # would turn the gradient NaN through either branch of DPO's where (before the fix: NaN for both signs of Â)
+    log_r = jnp.array([-10.0, -80.0, -90.0, -104.0, -200.0])
+    for a in (-1.0, 0.0, 1.0):
+        objective = lambda x, a=a: jnp.exp(x) * a - DRIFTS[name](jnp.exp(x), a)
+        assert jnp.all(jnp.isfinite(jax.vmap(objective)(log_r)))
+        assert jnp.all(jnp.isfinite(jax.vmap(jax.grad(objective))(log_r)))

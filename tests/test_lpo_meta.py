@@ -72,6 +72,15 @@ def test_learnt_drift_is_nonnegative_zero_and_flat_at_ratio_one(temporal, ppo_in
                 np.testing.assert_array_equal(drift(beside, ADVANTAGES), 0.0)
 
 
+@pytest.mark.parametrize("temporal", [False, True])
+def test_learnt_drift_has_finite_gradients_where_the_ratio_underflows(temporal):
+    log_r = jnp.array([-10.0, -90.0, -200.0])  # exp underflows to 0 past −103: log r of the features must not be −inf
+    params = random_params(temporal, 3)
+    for a in (-1.0, 0.0, 1.0):
+        drift = lambda x, a=a: lpo_meta.lpo_drift(params, jnp.exp(x), a, 0.5, True, 0.2, temporal)
+        assert jnp.all(jnp.isfinite(jax.vmap(jax.grad(drift))(log_r)))
+
+
 def test_antithetic_pairs_around_the_start_are_different_drifts():
     # θ and −θ are the same drift (tanh is odd, no biases): an all-zero start would give the ES a zero gradient
     start, noise = lpo_meta.init_drift_params(jax.random.PRNGKey(0)), random_params(False, 1, 0.04)
