@@ -107,16 +107,16 @@ def test_only_what_a_cell_uses_is_in_its_fingerprint():
     assert config("ppo") != config("ppo", num_seeds=3)
 
 
-def test_cells_train_as_ppo_py_and_dpo_py(tiny_run, tmp_path, capsys):
-    """The same command through ppo.py and dpo.py gives each cell's per-seed returns, to the last bit."""
+@pytest.mark.parametrize("script", [ppo, pytest.param(dpo, marks=pytest.mark.slow)], ids=["ppo", "dpo"])
+def test_a_cell_trains_as_its_script_does(script, tiny_run, tmp_path):
+    """The same command through ppo.py or dpo.py gives the cell's per-seed returns, to the last bit."""
     out, _ = tiny_run
-    for script in (ppo, dpo):
-        script.main(["--env", "fast", *TINY, "--out-dir", str(tmp_path / script.ALGO)])
-        summary = read_json(tmp_path / script.ALGO / "summary.json")
-        cell = read_json(os.path.join(out, "cells", f"fast__{script.ALGO}.json"))
-        assert summary["eval_return_per_seed"] == cell["eval_return_per_seed"]
-        last = [float(r["train_return"]) for r in read_csv(tmp_path / script.ALGO / "metrics.csv")][-2:]
-        assert last == cell["curve"]["train_return"][-1]  # the last update's training return, per seed
+    script.main(["--env", "fast", *TINY, "--out-dir", str(tmp_path)])
+    summary = read_json(tmp_path / "summary.json")
+    cell = read_json(os.path.join(out, "cells", f"fast__{script.ALGO}.json"))
+    assert summary["eval_return_per_seed"] == cell["eval_return_per_seed"]
+    last = [float(r["train_return"]) for r in read_csv(tmp_path / "metrics.csv")][-2:]
+    assert last == cell["curve"]["train_return"][-1]  # the last update's training return, per seed
 
 
 def write_drift(path, clip_eps=0.2, temporal=False):
