@@ -110,75 +110,16 @@ class Args:
     """Write replay.html: one evaluation episode in Brax's HTML viewer."""
 
 
-# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
-# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
-# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
-# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
-# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
-# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
-PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
-# fmt: off
-PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
-    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
-    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
-    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
-    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
-    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
-    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-}
-# fmt: on
-BACKENDS = ("spring", "positional", "generalized", "mjx")
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
-
-    def fail(message):
-        raise SystemExit(f"error: {message}")
-
-    if args.env not in PRESETS:
-        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.backend not in BACKENDS:
-        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
-    try:
-        envs.get_environment(args.env, backend=args.backend)
-    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
-        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
-    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
-    for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
-        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
-             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
-    per_update = batch * args.action_repeat
-    if args.total_timesteps < per_update:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
-             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
-    if args.num_evals > args.total_timesteps // per_update:
-        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
-             f"(at most one evaluation per update)")  # fmt: skip
-    if any(h <= 0 for h in args.hidden_sizes):
-        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
-    return args
+# ============================================================================================================
+# THE ALGORITHM: networks, drift, observation normalisation, env, GAE, evaluation and make_train.
+# Everything that runs inside the compiled training program is between these two banners.
+# ============================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------
-# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std, squashed
-# by tanh into the action range [-1, 1]. Ratios and log-probabilities are taken before the squash, where
-# its Jacobian cancels in r = π_θ(a|s) / π_old(a|s).
+# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std whose samples
+# are clipped (or, with --tanh-squash, squashed by tanh) into the action range [-1, 1]. Ratios and
+# log-probabilities are those of the Gaussian sample, before the clip or squash.
 
 
 def scaled_init(gain):
@@ -226,7 +167,7 @@ def env_action(x, tanh_squash=True):
 
 
 def gaussian_log_prob(x, mean, log_std):
-    return jnp.sum(-0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    return jnp.sum(jax.scipy.stats.norm.logpdf(x, mean, jnp.exp(log_std)), axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,9 +290,9 @@ def make_evaluate(args, policy):
 
 
 def shuffled_indices(key, n):
-    """A random permutation of range(n), for the minibatches. XLA's CPU sort is 4-14x faster on one uint32
-    array than on the key-value pairs jax.random.permutation sorts (bench/shuffle.py), so each index rides in
-    the low bits of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 -
+    """A random permutation of range(n), for the minibatches. XLA's CPU sort is much faster on one uint32 array
+    than on the key-value pairs jax.random.permutation sorts (bench/README.md), so each index rides in the low
+    bits of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 -
     index_bits), ~10 at n = 163,840): a sample's minibatch stays uniformly random, tied ones just tend to
     share it. Past 2^20 samples too few random bits are left, so the exact shuffle is used."""
     index_bits = max(1, (n - 1).bit_length())
@@ -388,7 +329,7 @@ def make_train(args, log_fn=None):
     `keys` holds one PRNG key per seed; every seed is vmapped. `log_fn(metrics)` is called from inside
     the jitted loop after every update with a dict of per-seed arrays (None: no logging)."""
     env = make_env(args)
-    # The observation size from the shapes alone: brax's env.observation_size runs a reset op by op (~9 s).
+    # The observation size from the shapes alone: brax's env.observation_size runs a whole reset op by op.
     obs_size = jax.eval_shape(env.unwrapped.reset, jax.random.PRNGKey(0)).obs.shape[-1]
     init_params, policy, value = make_networks(args, obs_size, env.action_size)
     evaluate = make_evaluate(args, policy)
@@ -423,7 +364,6 @@ def make_train(args, log_fn=None):
         if args.normalize_rewards:  # statistics of every env's return so far; clipped while they are young
             return_stats = update_obs_stats(return_stats, discounted[:, None])
             reward = jnp.clip(reward * jax.lax.rsqrt(return_stats.var[0] + 1e-8), -10.0, 10.0)
-        episode_done = env_state.info["episode_done"] > 0
         transition = Transition(
             obs=obs,
             action=action,
@@ -432,9 +372,10 @@ def make_train(args, log_fn=None):
             termination=done * (1.0 - env_state.info["truncation"]),
             done=done,
         )
-        last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
+        # done is Brax's info["episode_done"]: the step ended an episode, by termination or time-out
+        last_return = jnp.where(done > 0, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
         runner = runner._replace(env_state=env_state, return_stats=return_stats, discounted=discounted * (1.0 - done),
-                                 last_return=last_return, finished=runner.finished | episode_done, key=key)  # fmt: skip
+                                 last_return=last_return, finished=runner.finished | (done > 0), key=key)  # fmt: skip
         return runner, (transition, env_state.info["final_obs"])
 
     def update_seed(runner, update):
@@ -514,10 +455,79 @@ def make_train(args, log_fn=None):
     return train
 
 
+# ============================================================================================================
+# END OF THE ALGORITHM. Below: presets and argument checks, saving and loading, logging, main.
+# ============================================================================================================
+
+
+# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
+# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
+# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
+# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
+# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
+# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
+PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+# fmt: off
+PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
+    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
+    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
+    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
+    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
+    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+}
+# fmt: on
+BACKENDS = ("spring", "positional", "generalized", "mjx")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.env not in PRESETS:
+        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
+    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.backend not in BACKENDS:
+        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    try:
+        envs.get_environment(args.env, backend=args.backend)
+    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
+        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
+    for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
+        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
+             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
+    per_update = batch * args.action_repeat
+    if args.total_timesteps < per_update:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
+             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
+    if args.num_evals > args.total_timesteps // per_update:
+        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
+             f"(at most one evaluation per update)")  # fmt: skip
+    if any(h <= 0 for h in args.hidden_sizes):
+        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    return args
+
+
 def compiler_options():
-    """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
-    products to YNNPACK by default, which ran Brax's physics 1.6-1.8x and whole training runs 1.2-1.8x slower
-    than XLA's own CPU kernels (bench/README.md). Other backends: none."""
+    """XLA options for jax.jit: on CPUs, no YNNPACK fusions, which jaxlib 0.10 uses by default and which run
+    Brax's physics and training markedly slower than XLA's own CPU kernels (bench/README.md). Other backends: none."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
@@ -561,22 +571,24 @@ def load_policy(path, seed_index=0):
 
 
 def write_replay(path, args, params, obs_stats, key):
-    """One deterministic episode of the first seed's policy, as Brax's HTML viewer page."""
+    """One deterministic episode of the first seed's policy, as Brax's HTML viewer page: every physics step
+    of episode_length, each action held for action_repeat steps as in training."""
     from brax.io import html
 
     env = envs.get_environment(args.env, backend=args.backend)
     act = make_act(args, *jax.tree.map(lambda x: x[0], (params, obs_stats)))
-    num_steps = args.episode_length // args.action_repeat
 
     def episode(key):
-        def step(state, _):
-            return env.step(state, act(state.obs)), state.pipeline_state
+        def decide(state, _):
+            action = act(state.obs)
+            hold = lambda state, _: (env.step(state, action), state.pipeline_state)
+            return jax.lax.scan(hold, state, None, args.action_repeat)
 
-        _, states = jax.lax.scan(step, env.reset(key), None, num_steps)
-        return states
+        _, states = jax.lax.scan(decide, env.reset(key), None, -(-args.episode_length // args.action_repeat))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), states)  # (decisions, repeats) → steps
 
     states = jax.jit(episode, compiler_options=compiler_options())(key)
-    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(num_steps)]
+    frames = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(args.episode_length)]
     atomic_write(path, html.render(env.sys.tree_replace({"opt.timestep": env.dt}), frames).encode())
 
 

@@ -8,7 +8,7 @@ generation trains the whole population in one jitted call, vmapped and sharded o
     python lpo_meta.py --env ant --population-size 64           # GPU(s): the paper's meta-training env
     python lpo_meta.py --env inverted_pendulum --total-timesteps 65536 --num-envs 64 --num-steps 32 \\
         --num-minibatches 8 --hidden-sizes 32 32 --num-eval-envs 16 --population-size 16 --generations 40
-                                                                # CPU: ~10 s a generation on 2 cores
+                                                                # CPU: inverted_pendulum, a small budget
     python lpo_meta.py --resume runs/DIR                         # continue a stopped run, same config
 """
 
@@ -33,6 +33,7 @@ from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standa
 from flax import linen as nn
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec
+from matplotlib.figure import Figure
 
 ALGO = "lpo"
 
@@ -43,9 +44,9 @@ class Args:
     """Brax environment the drift is meta-trained on; its preset (PRESETS below) fills every field left at None."""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
-    # LPO: the seed of the ES and of every generation's environment keys (shared by all its members)
     seed: int = 0
-    """Seed of the first run; run i uses seed + i."""
+    """Seed of the meta-training: of the ES's noise, of the drift network's initial hidden layer and of every
+    generation's env keys (which all its members share)."""
     total_timesteps: int | None = None
     """Environment steps per run (action repeats included)."""
     num_envs: int | None = None
@@ -132,100 +133,18 @@ class Args:
     """Several hosts: call jax.distributed.initialize() and shard the population over all their devices."""
     out_dir: str | None = None
     """Output folder (default: runs/{env}__{algo}__{seed}__{timestamp})."""
-    drift_params: tyro.conf.Suppress[dict | None] = None
-    """Not a flag: the drift network's parameters that make_train uses, set for each ES member."""
 
 
-# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
-# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
-# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
-# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
-# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
-# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
-PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
-# fmt: off
-PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
-    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
-    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
-    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
-    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
-    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
-    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
-    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
-}
-# fmt: on
-BACKENDS = ("spring", "positional", "generalized", "mjx")
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
-
-    def fail(message):
-        raise SystemExit(f"error: {message}")
-
-    if args.env not in PRESETS:
-        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.backend not in BACKENDS:
-        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
-    try:
-        envs.get_environment(args.env, backend=args.backend)
-    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
-        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
-    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
-    for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
-        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
-             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
-    per_update = batch * args.action_repeat
-    if args.total_timesteps < per_update:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
-             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
-    if args.num_evals > args.total_timesteps // per_update:
-        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
-             f"(at most one evaluation per update)")  # fmt: skip
-    if any(h <= 0 for h in args.hidden_sizes):
-        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
-    return args
-
-
-def check_lpo_args(args: Args) -> Args:
-    """LPO's own checks, after resolve_args and before anything is compiled."""
-
-    def fail(message):
-        raise SystemExit(f"error: {message}")
-
-    if args.population_size % 2:
-        fail(f"--population-size must be even (antithetic pairs), got {args.population_size}")
-    if args.population_size % jax.device_count():
-        fail(f"--population-size {args.population_size} must be a multiple of the {jax.device_count()} devices")
-    schedules = dict(sigma=(args.sigma_init, args.sigma_decay, args.sigma_limit),
-                     es_lr=(args.es_lr, args.es_lr_decay, args.es_lr_limit))  # fmt: skip
-    for name, (init, decay, limit) in schedules.items():
-        if not (0 < limit <= init and 0 < decay <= 1):
-            fail(f"--{name.replace('_', '-')} schedule: need 0 < limit ≤ initial value and 0 < decay ≤ 1, "
-                 f"got {init}, decay {decay}, limit {limit}")  # fmt: skip
-    if args.resume and args.out_dir and os.path.abspath(args.out_dir) != os.path.abspath(args.resume):
-        fail("--resume continues in its own folder: leave --out-dir unset")
-    return args
+# ============================================================================================================
+# THE ALGORITHM: networks, drift, observation normalisation, env, GAE, evaluation and make_train.
+# Everything that runs inside the compiled training program is between these two banners.
+# ============================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------
-# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std, squashed
-# by tanh into the action range [-1, 1]. Ratios and log-probabilities are taken before the squash, where
-# its Jacobian cancels in r = π_θ(a|s) / π_old(a|s).
+# Networks: separate policy and value MLPs; a Gaussian policy with a state-independent log-std whose samples
+# are clipped (or, with --tanh-squash, squashed by tanh) into the action range [-1, 1]. Ratios and
+# log-probabilities are those of the Gaussian sample, before the clip or squash.
 
 
 def scaled_init(gain):
@@ -273,7 +192,7 @@ def env_action(x, tanh_squash=True):
 
 
 def gaussian_log_prob(x, mean, log_std):
-    return jnp.sum(-0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    return jnp.sum(jax.scipy.stats.norm.logpdf(x, mean, jnp.exp(log_std)), axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,9 +343,9 @@ def make_evaluate(args, policy):
 
 
 def shuffled_indices(key, n):
-    """A random permutation of range(n), for the minibatches. XLA's CPU sort is 4-14x faster on one uint32
-    array than on the key-value pairs jax.random.permutation sorts (bench/shuffle.py), so each index rides in
-    the low bits of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 -
+    """A random permutation of range(n), for the minibatches. XLA's CPU sort is much faster on one uint32 array
+    than on the key-value pairs jax.random.permutation sorts (bench/README.md), so each index rides in the low
+    bits of a random key. Indices whose random bits tie keep their order (runs of ~n / 2^(32 -
     index_bits), ~10 at n = 163,840): a sample's minibatch stays uniformly random, tied ones just tend to
     share it. Past 2^20 samples too few random bits are left, so the exact shuffle is used."""
     index_bits = max(1, (n - 1).bit_length())
@@ -457,14 +376,14 @@ class RunnerState(NamedTuple):
     key: jax.Array
 
 
-def make_train(args, log_fn=None):
+def make_train(args, drift_params, log_fn=None):
     """Returns train(keys) → (final runner state per seed, eval returns per seed and env).
-    LPO: every seed learns with lpo_drift(args.drift_params, ...), the drift of one ES member.
+    LPO: every seed learns with lpo_drift(drift_params, ...): one ES member's drift, a traced input.
 
     `keys` holds one PRNG key per seed; every seed is vmapped. `log_fn(metrics)` is called from inside
     the jitted loop after every update with a dict of per-seed arrays (None: no logging)."""
     env = make_env(args)
-    # The observation size from the shapes alone: brax's env.observation_size runs a reset op by op (~9 s).
+    # The observation size from the shapes alone: brax's env.observation_size runs a whole reset op by op.
     obs_size = jax.eval_shape(env.unwrapped.reset, jax.random.PRNGKey(0)).obs.shape[-1]
     init_params, policy, value = make_networks(args, obs_size, env.action_size)
     evaluate = make_evaluate(args, policy)
@@ -500,7 +419,6 @@ def make_train(args, log_fn=None):
         if args.normalize_rewards:  # statistics of every env's return so far; clipped while they are young
             return_stats = update_obs_stats(return_stats, discounted[:, None])
             reward = jnp.clip(reward * jax.lax.rsqrt(return_stats.var[0] + 1e-8), -10.0, 10.0)
-        episode_done = env_state.info["episode_done"] > 0
         transition = Transition(
             obs=obs,
             action=action,
@@ -509,9 +427,10 @@ def make_train(args, log_fn=None):
             termination=done * (1.0 - env_state.info["truncation"]),
             done=done,
         )
-        last_return = jnp.where(episode_done, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
+        # done is Brax's info["episode_done"]: the step ended an episode, by termination or time-out
+        last_return = jnp.where(done > 0, env_state.info["episode_metrics"]["sum_reward"], runner.last_return)
         runner = runner._replace(env_state=env_state, return_stats=return_stats, discounted=discounted * (1.0 - done),
-                                 last_return=last_return, finished=runner.finished | episode_done, key=key)  # fmt: skip
+                                 last_return=last_return, finished=runner.finished | (done > 0), key=key)  # fmt: skip
         return runner, (transition, env_state.info["final_obs"])
 
     def update_seed(runner, update):
@@ -530,7 +449,7 @@ def make_train(args, log_fn=None):
             log_ratio = gaussian_log_prob(transition.action, mean, log_std) - transition.log_prob
             ratio = jnp.exp(log_ratio)
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            drift = lpo_drift(args.drift_params, ratio, advantages, update / num_updates, *drift_config)
+            drift = lpo_drift(drift_params, ratio, advantages, update / num_updates, *drift_config)
             policy_loss = -jnp.mean(ratio * advantages - drift)
             new_values = value(params, transition.obs)
             value_loss = (new_values - targets) ** 2
@@ -591,10 +510,100 @@ def make_train(args, log_fn=None):
     return train
 
 
+# ============================================================================================================
+# END OF THE ALGORITHM. Below: presets and argument checks, saving and loading, logging, main.
+# ============================================================================================================
+
+
+# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
+# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
+# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
+# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
+# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
+# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
+PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                 "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+# fmt: off
+PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
+    "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoid":                 (50_000_000,  2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "halfcheetah":              (100_000_000, 2048, 160, 32, 8, 3e-4, 0.95,  1.0,  1, "spring"),
+    "walker2d":                 (50_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "reacher":                  (100_000_000, 2048, 200, 32, 8, 3e-4, 0.95,  5.0,  4, "spring"),
+    "hopper":                   (10_000_000,  2048, 80,  32, 8, 3e-4, 0.97,  1.0,  1, "spring"),
+    "humanoidstandup":          (100_000_000, 2048, 160, 32, 8, 3e-4, 0.97,  0.1,  1, "spring"),
+    "inverted_pendulum":        (2_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "inverted_double_pendulum": (20_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+    "pusher":                   (50_000_000,  2048, 240, 32, 8, 3e-4, 0.95,  5.0,  1, "spring"),
+    "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
+    "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
+}
+# fmt: on
+BACKENDS = ("spring", "positional", "generalized", "mjx")
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.env not in PRESETS:
+        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
+    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.backend not in BACKENDS:
+        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    try:
+        envs.get_environment(args.env, backend=args.backend)
+    except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
+        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
+    for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
+        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
+             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
+    per_update = batch * args.action_repeat
+    if args.total_timesteps < per_update:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
+             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
+    if args.num_evals > args.total_timesteps // per_update:
+        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
+             f"(at most one evaluation per update)")  # fmt: skip
+    if any(h <= 0 for h in args.hidden_sizes):
+        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    return args
+
+
+def check_lpo_args(args: Args) -> Args:
+    """LPO's own checks, after resolve_args and before anything is compiled."""
+
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.population_size % 2:
+        fail(f"--population-size must be even (antithetic pairs), got {args.population_size}")
+    if args.population_size % jax.device_count():
+        fail(f"--population-size {args.population_size} must be a multiple of the {jax.device_count()} devices")
+    schedules = dict(sigma=(args.sigma_init, args.sigma_decay, args.sigma_limit),
+                     es_lr=(args.es_lr, args.es_lr_decay, args.es_lr_limit))  # fmt: skip
+    for name, (init, decay, limit) in schedules.items():
+        if not (0 < limit <= init and 0 < decay <= 1):
+            fail(f"--{name.replace('_', '-')} schedule: need 0 < limit ≤ initial value and 0 < decay ≤ 1, "
+                 f"got {init}, decay {decay}, limit {limit}")  # fmt: skip
+    if args.resume and args.out_dir and os.path.abspath(args.out_dir) != os.path.abspath(args.resume):
+        fail("--resume continues in its own folder: leave --out-dir unset")
+    return args
+
+
 def compiler_options():
-    """XLA options for jax.jit: on CPUs, no YNNPACK fusions. jaxlib 0.10's XLA hands small fusions and matrix
-    products to YNNPACK by default, which ran Brax's physics 1.6-1.8x and whole training runs 1.2-1.8x slower
-    than XLA's own CPU kernels (bench/README.md). Other backends: none."""
+    """XLA options for jax.jit: on CPUs, no YNNPACK fusions, which jaxlib 0.10 uses by default and which run
+    Brax's physics and training markedly slower than XLA's own CPU kernels (bench/README.md). Other backends: none."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
@@ -624,7 +633,7 @@ def make_generation(args, strategy, mesh):
     (num_rollouts runs each, on env keys the whole generation shares), tell. One jitted call."""
 
     def member_return(drift_params, env_keys):  # one whole training run per env key, with this member's drift
-        train = make_train(dataclasses.replace(args, drift_params=drift_params), log_fn=None)  # no metric stacks
+        train = make_train(args, drift_params, log_fn=None)  # no metric stacks
         runners, eval_returns = train(env_keys)
         # a diverged run scores NaN whatever the env says: inverted_pendulum never ends an episode on NaN actions
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(runners.params)]))
@@ -735,27 +744,37 @@ def write_csv(path, rows):
 # Plots: the fitness curve, and the drift as heat maps over (r, Â) like the paper's figures.
 
 
-def pyplot():
-    import matplotlib
+HEAT_MAP_R, HEAT_MAP_A = np.linspace(0.01, 2.0, 200), np.linspace(-3.0, 3.0, 121)  # every drift heat map's grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def drift_maps(drift_fn):
+    """D = drift_fn(r, Â) and the objective's slope ∂(r·Â − D)/∂r on the heat maps' grid, each (len(Â), len(r))."""
+    r, a = (jnp.asarray(x.ravel(), jnp.float32) for x in np.meshgrid(HEAT_MAP_R, HEAT_MAP_A))
+    slope = jax.vmap(jax.grad(lambda r, a: r * a - drift_fn(r, a)))
+    drift, slope = jax.jit(lambda r, a: (drift_fn(r, a), slope(r, a)))(r, a)
+    return (np.asarray(x).reshape(len(HEAT_MAP_A), len(HEAT_MAP_R)) for x in (drift, slope))
+
+
+def heat_map(ax, z, title, **kw):
+    """One (r, Â) heat map, with r = 1 and Â = 0 marked."""
+    extent = (HEAT_MAP_R[0], HEAT_MAP_R[-1], HEAT_MAP_A[0], HEAT_MAP_A[-1])
+    image = ax.imshow(z, origin="lower", aspect="auto", extent=extent, **kw)
+    ax.axvline(1.0, color="k", lw=0.5, ls="--")
+    ax.axhline(0.0, color="k", lw=0.5, ls="--")
+    ax.set(xlabel="ratio r", ylabel="advantage Â", title=title)
+    return image
 
 
 def save_figure(fig, path):
-    fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
-    pyplot().close(fig)
 
 
 def plot_fitness(path, rows, title):
-    plt = pyplot()
     gen = [r["generation"] for r in rows]
     mean, std = np.array([r["fitness_mean"] for r in rows]), np.array([r["fitness_std"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     ax.plot(gen, mean, label="population mean")
     ax.fill_between(gen, mean - std, mean + std, alpha=0.3, label="± std")
     ax.plot(gen, [r["fitness_best"] for r in rows], ".", ms=3, label="best member")
@@ -768,33 +787,22 @@ def plot_fitness(path, rows, title):
 def plot_drift(path, args, drift_params):
     """Heat maps of D and of ∂(r·Â − D)/∂r over r ∈ (0, 2] × Â ∈ [−3, 3] (rows: n/N = 0, ½, 1 if temporal).
     Returns the share of the quadrant Â < 0, r < 1 − ε (where PPO's slope is 0) with a slope > 0.1: rollback."""
-    plt = pyplot()
-    r, a = jnp.linspace(0.01, 2.0, 200), jnp.linspace(-3.0, 3.0, 121)
-    grid_r, grid_a = (x.ravel() for x in jnp.meshgrid(r, a))
     progresses = (0.0, 0.5, 1.0) if args.temporal else (0.0,)
-
-    @jax.jit
-    def maps(progress):
-        drift = lambda r, a: lpo_drift(drift_params, r, a, progress, args.ppo_init, args.clip_eps, args.temporal)
-        slope = jax.vmap(jax.grad(lambda r, a: r * a - drift(r, a)))(grid_r, grid_a)
-        return drift(grid_r, grid_a).reshape(len(a), len(r)), slope.reshape(len(a), len(r))
-
-    fig, axes = plt.subplots(len(progresses), 2, figsize=(11, 4 * len(progresses)), squeeze=False)
-    quadrant = (grid_a < 0).reshape(len(a), len(r)) & (grid_r < 1 - args.clip_eps).reshape(len(a), len(r))
+    fig = Figure(figsize=(11, 4 * len(progresses)), layout="tight")
+    axes = fig.subplots(len(progresses), 2, squeeze=False)
+    quadrant = (HEAT_MAP_A[:, None] < 0) & (HEAT_MAP_R[None, :] < 1 - args.clip_eps)
     rollback = []
     for row, progress in zip(axes, progresses, strict=True):
-        drift, slope = (np.asarray(m) for m in maps(progress))
+        drift, slope = drift_maps(
+            lambda r, a, p=progress: lpo_drift(drift_params, r, a, p, args.ppo_init, args.clip_eps, args.temporal)
+        )
         rollback.append(float((slope[quadrant] > 0.1).mean()))
         when = f" at n/N = {progress}" if args.temporal else ""
         for ax, z, title, kw in (
             (row[0], drift, f"drift D(r, Â){when}", dict(cmap="viridis")),
             (row[1], slope, f"∂(r·Â − D)/∂r{when} (> 0 for Â < 0: rollback)", dict(cmap="RdBu_r", vmin=-3, vmax=3)),
         ):  # fmt: skip
-            image = ax.imshow(z, origin="lower", aspect="auto", extent=(0.01, 2.0, -3.0, 3.0), **kw)
-            ax.axvline(1.0, color="k", lw=0.5, ls="--")
-            ax.axhline(0.0, color="k", lw=0.5, ls="--")
-            ax.set(xlabel="ratio r", ylabel="advantage Â", title=title)
-            fig.colorbar(image, ax=ax)
+            fig.colorbar(heat_map(ax, z, title, **kw), ax=ax)
     save_figure(fig, path)
     return rollback
 
@@ -848,7 +856,7 @@ def main(argv=None):
         es_state, key, start, rows = load_checkpoint(args, es_state)
     if lead:
         os.makedirs(out_dir, exist_ok=True)
-        config = {k: v for k, v in dataclasses.asdict(args).items() if k != "drift_params"}
+        config = dataclasses.asdict(args)
         atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
         print(f"{ALGO} on {args.env} → {out_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()), flush=True)
 

@@ -55,7 +55,7 @@ def make_args(bench, population):
 def compile_single_run(args):
     """Seconds to compile one inner run (make_train on its own), and a function that runs it, returning seconds."""
     drift_params = lpo_meta.init_drift_params(jax.random.PRNGKey(0), args.temporal)
-    train = lpo_meta.make_train(dataclasses.replace(args, drift_params=drift_params))
+    train = lpo_meta.make_train(args, drift_params)
     train = jax.jit(train, compiler_options=lpo_meta.compiler_options())
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_rollouts))
     start = time.perf_counter()

@@ -26,7 +26,7 @@ import ppo  # noqa: E402
 @dataclasses.dataclass
 class Bench:
     sizes: tuple[int, ...] = (8192, 163_840, 491_520)
-    """Rollout sizes (num_envs × num_steps): the fast CPU settings' 512 × 16, the presets' 2048 × 80 and 2048 × 240."""
+    """Rollout sizes (num_envs × num_steps): the CPU settings' 512 × 16, the presets' 2048 × 80 and 2048 × 240."""
     repeats: int = 20
     """Timed calls per shuffle and size; the table reports the median."""
     out: str = "bench/shuffle.json"

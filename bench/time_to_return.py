@@ -5,8 +5,8 @@
 Every contender is timed alike: the clock starts before anything is compiled, the contender evaluates its
 deterministic policy on 128 envs (one full episode each) at evenly spaced points of its budget, and its time
 to target is the wall time at its first evaluation at or above the target (evaluation time included, as a
-user waits for it too). ppo.py and dpo.py train for `--budget` steps with `--flags` (default: ant's fast CPU
-setting of the README; tuples as comma lists, e.g. hidden_sizes=64,64), dpo.py with `--dpo-flags` on top,
+user waits for it too). ppo.py and dpo.py train for `--budget` steps with `--flags` (default: a CPU
+setting for ant, the Args default; tuples as comma lists, e.g. hidden_sizes=64,64), dpo.py with `--dpo-flags` on top,
 and make `--evals` evaluations; Brax's trainer (its default networks and the setting found best here) trains
 for `--brax-budget` steps with `--brax-evals` evaluations (the first at step 0) and stops at its first
 evaluation at or above the target (nothing after it would change its time). Each contender runs `--repeats`
@@ -46,7 +46,7 @@ class Bench:
                               "hidden_sizes=128,128", "init_std=0.6")  # fmt: skip
     """Args overrides for ppo.py and dpo.py, as name=value."""
     dpo_flags: tuple[str, ...] = ()
-    """Further overrides for dpo.py alone, applied after --flags (e.g. its own fast CPU setting)."""
+    """Further overrides for dpo.py alone, applied after --flags (e.g. its own CPU setting)."""
     brax_budget: int = 1_310_720
     """Env steps of the Brax run."""
     brax_evals: int = 11

@@ -1,16 +1,21 @@
-"""ppo.py and dpo.py from the command line, as a user runs them: outputs, determinism, bad input, NaN."""
+"""ppo.py and dpo.py as a user runs them, through main(argv) in-process and once through the real command line:
+outputs, determinism, bad input, NaN."""
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import dpo
+import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--env", "inverted_pendulum", "--total-timesteps", "4096", "--num-envs", "32", "--num-steps", "16",
@@ -20,71 +25,84 @@ SUMMARY_KEYS = {"env", "algo", "env_steps", "eval_return_mean", "eval_return_per
                 "compile_s", "run_s", "sps"}  # fmt: skip
 
 
-def run(script, *args, cwd, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=600)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def dpo_runs(tmp_path_factory):
-    """dpo.py twice with the same seed; the second also saves, renders and logs to W&B (offline)."""
-    tmp = tmp_path_factory.mktemp("dpo")
-    first = run("dpo.py", *TINY, "--out-dir", "a", cwd=tmp)
-    second = run("dpo.py", *TINY, "--out-dir", "b", "--save-model", "--render", "--track", cwd=tmp,
-                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})  # fmt: skip
-    for result in (first, second):
-        assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, first, second
+def dpo_run(tmp_path_factory):
+    """dpo.py in-process, saving the policy and rendering a replay; returns its folder and printed lines."""
+    out = tmp_path_factory.mktemp("dpo") / "a"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        dpo.main([*TINY, "--out-dir", str(out), "--save-model", "--render"])
+    return out, printed.getvalue()
 
 
-def test_run_writes_every_output(dpo_runs):
-    tmp, first, second = dpo_runs
-    for name in ("config.json", "metrics.csv", "summary.json", "returns.png"):
-        assert os.path.getsize(tmp / "a" / name) > 0
-    for name in ("params.msgpack", "replay.html"):
-        assert os.path.getsize(tmp / "b" / name) > 0
-    assert "<html" in (tmp / "b" / "replay.html").read_text().lower()
+def test_run_writes_every_output(dpo_run):
+    out, printed = dpo_run
+    for name in ("config.json", "metrics.csv", "summary.json", "returns.png", "params.msgpack", "replay.html"):
+        assert os.path.getsize(out / name) > 0
+    assert "<html" in (out / "replay.html").read_text().lower()
     # a real run's file loads: its config is the run's, and each seed's policy is its own
-    (act_0, loaded_args), (act_1, _) = (dpo.load_policy(str(tmp / "b" / "params.msgpack"), i) for i in (0, 1))
-    assert json.loads(json.dumps(dataclasses.asdict(loaded_args))) == json.loads(
-        (tmp / "b" / "config.json").read_text()
-    )
+    (act_0, loaded_args), (act_1, _) = (dpo.load_policy(str(out / "params.msgpack"), i) for i in (0, 1))
+    assert json.loads(json.dumps(dataclasses.asdict(loaded_args))) == json.loads((out / "config.json").read_text())
     obs = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
     assert not np.array_equal(act_0(obs), act_1(obs))
-    summary = json.loads((tmp / "a" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["algo"] == "dpo" and summary["env"] == "inverted_pendulum" and summary["env_steps"] == 4096
     assert len(summary["eval_return_per_seed"]) == 2
-    config = json.loads((tmp / "a" / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert config["dpo_alpha"] == 2.0 and config["gamma"] is not None  # resolved, not None
-    rows = list(csv.DictReader(open(tmp / "a" / "metrics.csv")))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
     # every 2nd update is logged, and the 3 evaluations (8 updates: after updates 3, 6 and 8) are too
     assert [(r["seed"], r["update"]) for r in rows] == [(s, u) for u in "23468" for s in "01"]
     assert [r["update"] for r in rows if r["eval_return"]] == ["3", "3", "6", "6", "8", "8"]
     assert [float(r["eval_return"]) for r in rows[-2:]] == pytest.approx(summary["eval_return_per_seed"], rel=1e-6)
-    last_line = first.stdout.strip().splitlines()[-1]
+    last_line = printed.strip().splitlines()[-1]
     assert last_line.startswith("dpo inverted_pendulum: eval return") and "steps/s" in last_line
-    assert any(name.startswith("offline-run") for name in os.listdir(tmp / "b" / "wandb"))  # W&B files stay in the run
 
 
-def test_same_seed_gives_identical_metrics(dpo_runs):
-    tmp = dpo_runs[0]
+@pytest.mark.slow
+def test_the_command_line_gives_the_same_run(dpo_run, tmp_path):
+    """The real command line, logging to W&B offline: the same seed gives the in-process run's metrics."""
+    out = dpo_run[0]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *TINY, "--out-dir", "b", "--track"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("dpo inverted_pendulum: eval return")
+    assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "b" / "wandb"))  # W&B stays in the run
 
     def strip_time(path):
         return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(open(path))]
 
-    assert strip_time(tmp / "a" / "metrics.csv") == strip_time(tmp / "b" / "metrics.csv")
-    summaries = [json.loads((tmp / d / "summary.json").read_text()) for d in ("a", "b")]
+    assert strip_time(out / "metrics.csv") == strip_time(tmp_path / "b" / "metrics.csv")
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "b")]
     assert summaries[0]["eval_return_per_seed"] == summaries[1]["eval_return_per_seed"]
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "dpo.py"])
-def test_help(script, tmp_path):
-    result = run(script, "--help", cwd=tmp_path)
-    assert result.returncode == 0
+def test_a_replay_shows_every_physics_step(tmp_path, monkeypatch):
+    """With action_repeat 2 a 50-step episode is 25 decisions, each held for 2 steps: 50 frames."""
+    from brax.io import html
+
+    frames = []
+    monkeypatch.setattr(html, "render", lambda sys, states: frames.append(len(states)) or "<html></html>")
+    args = ppo.resolve_args(ppo.Args(env="inverted_pendulum", hidden_sizes=(8,), num_envs=8, num_steps=8,
+                                     num_minibatches=1, action_repeat=2, episode_length=50))  # fmt: skip
+    init, _, _ = ppo.make_networks(args, 4, 1)
+    params = jax.vmap(init)(jax.random.split(jax.random.PRNGKey(0), 1))
+    stats = jax.tree.map(lambda x: x[None], ppo.init_obs_stats(4))
+    ppo.write_replay(str(tmp_path / "replay.html"), args, params, stats, jax.random.PRNGKey(1))
+    assert frames == [50]
+
+
+@pytest.mark.parametrize("script", [ppo, dpo])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as done:
+        script.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
     for flag in ("--env", "--total-timesteps", "--num-minibatches", "--save-model", "--render", "--track"):
-        assert flag in result.stdout
-    assert ("--clip-eps" if script == "ppo.py" else "--dpo-alpha") in result.stdout
+        assert flag in text
+    assert ("--clip-eps" if script is ppo else "--dpo-alpha") in text
 
 
 @pytest.mark.parametrize(
@@ -104,19 +122,19 @@ def test_help(script, tmp_path):
     ],
 )
 def test_bad_input_is_a_one_line_error_before_compiling(bad_args, message, tmp_path):
-    result = run("ppo.py", "--env", "inverted_pendulum", *bad_args, "--out-dir", "out", cwd=tmp_path)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    with pytest.raises(SystemExit) as error:
+        ppo.main(["--env", "inverted_pendulum", *bad_args, "--out-dir", str(tmp_path / "out")])
+    text = str(error.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text
     assert not (tmp_path / "out").exists()  # stopped before writing (or compiling) anything
 
 
+@pytest.mark.slow
 def test_a_run_that_goes_nan_stops_and_names_the_update(tmp_path):
-    result = run("ppo.py", *TINY, "--learning-rate", "1e30", "--total-timesteps", "40960", "--out-dir", "o",
-                 cwd=tmp_path)  # fmt: skip
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: training diverged:") and "NaN/inf at update" in last, result.stderr[-2000:]
+    with pytest.raises(SystemExit) as error:
+        ppo.main([*TINY, "--learning-rate", "1e30", "--total-timesteps", "40960", "--out-dir", str(tmp_path / "o")])
+    last = str(error.value)
+    assert last.startswith("error: training diverged:") and "NaN/inf at update" in last and "\n" not in last
     # what was reached is kept: summary.json, marked diverged, names the same update as the error
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["diverged"] is True and summary["error"] == last.removeprefix("error: ")

@@ -1,27 +1,30 @@
-"""eval_transfer.py: a tiny evaluation writes every output, resumes, and loads a drift written by lpo_meta.py."""
+"""eval_transfer.py: a tiny evaluation writes every output, resumes, trains each cell as ppo.py and dpo.py would,
+keeps a row's settings equal, and loads a drift written by lpo_meta.py."""
 
+import ast
 import csv
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpo
 import eval_transfer
+import lpo_meta
 import ppo
 
 TINY = (
     "--num-seeds 2 --num-envs 16 --num-steps 8 --num-minibatches 4 --total-timesteps 1024 "
     "--hidden-sizes 16 16 --num-eval-envs 4 --episode-length 50"
 ).split()  # 8 updates of 128 steps
-ENVS, ALGOS = ["fast", "inverted_pendulum"], ["ppo", "dpo"]
+ENVS, ALGOS = ["fast"], ["ppo", "dpo"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two envs × PPO and DPO, two seeds each: four cells, four compiles."""
+    """One env × PPO and DPO, two seeds each: two cells, two compiles."""
     out = str(tmp_path_factory.mktemp("transfer"))
     argv = ["--envs", *ENVS, "--algos", *ALGOS, "--results-dir", out, *TINY]
     eval_transfer.main(argv)
@@ -74,7 +77,7 @@ def test_rerun_skips_finished_cells(tiny_run, capsys):
     cells = os.path.join(out, "cells")
     before = {name: os.path.getmtime(os.path.join(cells, name)) for name in os.listdir(cells)}
     eval_transfer.main(argv)
-    assert capsys.readouterr().out.count("already done") == 4
+    assert capsys.readouterr().out.count("already done") == len(ENVS) * len(ALGOS)
     assert before == {name: os.path.getmtime(os.path.join(cells, name)) for name in os.listdir(cells)}
 
 
@@ -82,36 +85,82 @@ def test_a_cell_saved_with_other_settings_is_recomputed(tiny_run, monkeypatch, c
     out, argv = tiny_run
     path = os.path.join(out, "cells", "fast__dpo.json")
     cell = read_json(path)
-    eval_transfer.atomic_write(path, json.dumps({**cell, "fingerprint": "stale"}).encode())
+    ppo.atomic_write(path, json.dumps({**cell, "fingerprint": "stale"}).encode())
     recomputed = []
-    monkeypatch.setattr(eval_transfer, "run_cell", lambda args, path: recomputed.append(path) or cell)
+    monkeypatch.setattr(eval_transfer, "run_cell", lambda args, algo, c, path, drift: recomputed.append(path) or cell)
     eval_transfer.main(argv)
     assert recomputed == [path]
     assert "other settings; recomputing" in capsys.readouterr().out
-    eval_transfer.atomic_write(path, json.dumps(cell).encode())
+    ppo.atomic_write(path, json.dumps(cell).encode())
 
 
 def test_only_what_a_cell_uses_is_in_its_fingerprint():
-    base = eval_transfer.resolve_cells(eval_transfer.Args(envs=["fast"], algos=["ppo", "dpo"]))
-    ppo_args, dpo_args = base["fast", "ppo"], base["fast", "dpo"]
-    config = eval_transfer.cell_config
-    assert config(ppo_args) == config(eval_transfer.dataclasses.replace(ppo_args, dpo_alpha=1.0, log_every=1))
-    assert config(ppo_args) != config(eval_transfer.dataclasses.replace(ppo_args, clip_eps=0.3))
-    assert config(dpo_args) == config(eval_transfer.dataclasses.replace(dpo_args, clip_eps=0.3))
-    assert config(dpo_args) != config(eval_transfer.dataclasses.replace(dpo_args, dpo_beta=0.5))
-    assert config(ppo_args) != config(eval_transfer.dataclasses.replace(ppo_args, seed=1))
+    def config(algo, **changes):
+        args = eval_transfer.Args(envs=["fast"], algos=["ppo", "dpo"], **changes)
+        return eval_transfer.cell_config(args, algo, eval_transfer.resolve_cells(args)[0]["fast", algo])
+
+    assert config("ppo") == config("ppo", dpo_alpha=1.0, log_every=1, num_bootstrap=10)
+    assert config("ppo") != config("ppo", clip_eps=0.3)
+    assert config("dpo") == config("dpo", clip_eps=0.3)
+    assert config("dpo") != config("dpo", dpo_beta=0.5)
+    assert config("ppo") != config("ppo", seed=1)
+    assert config("ppo") != config("ppo", num_seeds=3)
 
 
-def test_ppo_cell_matches_ppo_py(tiny_run):
-    """Same settings and seeds through ppo.py's own make_train give the same numbers: only the drift is a
-    parameter, and a cell is deterministic."""
+@pytest.mark.parametrize("script", [ppo, pytest.param(dpo, marks=pytest.mark.slow)], ids=["ppo", "dpo"])
+def test_a_cell_trains_as_its_script_does(script, tiny_run, tmp_path):
+    """The same command through ppo.py or dpo.py gives the cell's per-seed returns, to the last bit."""
     out, _ = tiny_run
-    cell = read_json(os.path.join(out, "cells", "fast__ppo.json"))
-    shared = {k: v for k, v in cell["config"].items() if k in ppo.Args.__dataclass_fields__}
-    args = ppo.Args(**{**shared, "hidden_sizes": tuple(shared["hidden_sizes"])})
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
-    _, eval_returns = jax.jit(ppo.make_train(args), compiler_options=ppo.compiler_options())(keys)
-    np.testing.assert_array_equal(np.asarray(eval_returns).mean(axis=1), cell["eval_return_per_seed"])
+    script.main(["--env", "fast", *TINY, "--out-dir", str(tmp_path)])
+    summary = read_json(tmp_path / "summary.json")
+    cell = read_json(os.path.join(out, "cells", f"fast__{script.ALGO}.json"))
+    assert summary["eval_return_per_seed"] == cell["eval_return_per_seed"]
+    last = [float(r["train_return"]) for r in read_csv(tmp_path / "metrics.csv")][-2:]
+    assert last == cell["curve"]["train_return"][-1]  # the last update's training return, per seed
+
+
+def write_drift(path, clip_eps=0.2, temporal=False):
+    args = lpo_meta.Args(env="inverted_pendulum", clip_eps=clip_eps, temporal=temporal)
+    lpo_meta.save_drift(path, args, lpo_meta.init_drift_params(jax.random.PRNGKey(0), temporal), 0)
+
+
+def test_a_rows_cells_differ_only_in_their_drift(tmp_path, monkeypatch):
+    path = str(tmp_path / "drift.msgpack")
+    write_drift(path, clip_eps=0.3)
+    args = eval_transfer.Args(envs=["hopper", "fast"], algos=["ppo", "dpo", "lpo"], drift=path, num_envs=64,
+                              hidden_sizes=(32, 32), clip_eps=0.1)  # fmt: skip
+    cells, (_, drift_config) = eval_transfer.resolve_cells(args)
+    for env in ("hopper", "fast"):
+        ppo_args, dpo_args, lpo_args = (cells[env, algo] for algo in ("ppo", "dpo", "lpo"))
+        assert (type(ppo_args), type(dpo_args), type(lpo_args)) == (ppo.Args, dpo.Args, lpo_meta.Args)
+        for name in eval_transfer.SETTINGS:
+            assert getattr(ppo_args, name) == getattr(dpo_args, name) == getattr(lpo_args, name), name
+        assert ppo_args.num_envs == 64 and ppo_args.hidden_sizes == (32, 32) and ppo_args.gamma is not None
+        assert ppo_args.clip_eps == 0.1 and lpo_args.clip_eps == 0.3 == drift_config["clip_eps"]
+    # a script whose presets drifted apart from the others' would break the comparison: caught before training
+    fast = dpo.PRESETS["fast"]
+    monkeypatch.setitem(dpo.PRESETS, "fast", (*fast[:2], 96, *fast[3:]))  # num_steps
+    with pytest.raises(AssertionError, match="fast: .* num_steps"):
+        eval_transfer.resolve_cells(args)
+
+
+def test_the_harness_holds_no_algorithm_of_its_own():
+    tree = ast.parse(open(eval_transfer.__file__).read())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for name in ("make_train", "make_networks", "make_env", "compute_gae", "make_evaluate", "ppo_drift", "dpo_drift",
+                 "lpo_drift", "MLP", "KeepFinalObs", "PRESETS", "resolve_args"):  # fmt: skip
+        assert name not in defined
+
+
+def test_help_lists_the_shared_options_and_not_the_run_ones(capsys):
+    with pytest.raises(SystemExit) as done:
+        eval_transfer.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--envs", "--algos", "--drift", "--results-dir", "--total-timesteps", "--clip-eps", "--dpo-alpha"):
+        assert flag in text
+    for flag in ("--env ", "--out-dir", "--render", "--save-model", "--track"):
+        assert flag not in text
 
 
 def test_bootstrap_interval_matches_a_plain_numpy_loop():
@@ -148,8 +197,6 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
 
 
 def test_mismatched_drift_shape_is_a_one_line_error(tmp_path):
-    import lpo_meta
-
     path = str(tmp_path / "drift.msgpack")
     args = lpo_meta.Args(env="fast", temporal=True)  # the file claims 16 features but holds an 8-feature network
     lpo_meta.save_drift(path, args, lpo_meta.init_drift_params(jax.random.PRNGKey(0), temporal=False), 0)
@@ -159,9 +206,8 @@ def test_mismatched_drift_shape_is_a_one_line_error(tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_a_drift_from_lpo_meta_loads_and_trains(tmp_path):
-    import lpo_meta
-
     meta_dir = str(tmp_path / "meta")
     lpo_meta.main(["--env", "fast", *TINY[2:], "--population-size", "2", "--generations", "1", "--out-dir", meta_dir])
     drift = os.path.join(meta_dir, "drift.msgpack")

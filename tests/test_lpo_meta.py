@@ -150,6 +150,7 @@ def runs(tmp_path_factory):
     return base, first_two, log.getvalue(), output, str(diverged.value)
 
 
+@pytest.mark.slow
 def test_a_tiny_meta_run_writes_every_file(runs):
     base, (params, config, rows), log, *_ = runs
     for name in FILES:
@@ -171,6 +172,7 @@ def test_a_tiny_meta_run_writes_every_file(runs):
     assert sum(line.startswith("generation ") for line in log.splitlines()) == 8
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_state_of_an_uninterrupted_run(runs):
     base = runs[0]
     resumed, straight = read_run(base / "resumed"), read_run(base / "straight")
@@ -179,6 +181,7 @@ def test_resume_reaches_the_state_of_an_uninterrupted_run(runs):
     assert len(straight[2]) == 4
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_result_of_one(runs):
     base, _, _, output, _ = runs
     params, _, rows = read_run(base / "straight")
@@ -189,11 +192,13 @@ def test_two_devices_give_the_result_of_one(runs):
     jax.tree.map(np.testing.assert_array_equal, sharded_params, params)
 
 
+@pytest.mark.slow
 def test_a_generation_where_every_member_diverges_stops_the_run(runs):
     # inverted_pendulum scores NaN actions as a perfect balance: the NaN comes from the trained parameters
     assert runs[4] == "error: every member's training diverged (NaN) at generation 1"
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_does_nothing(runs, capsys):
     lpo_meta.main(["--resume", str(runs[0] / "straight")])  # no compile: it returns at once
     assert "already at generation 4" in capsys.readouterr().out
@@ -207,15 +212,27 @@ def run_error(argv):
     return message
 
 
-def test_bad_input_fails_in_one_line_before_compiling(runs, tmp_path):
-    base = runs[0]
+def test_bad_input_fails_in_one_line_before_compiling(tmp_path):
     assert "even" in run_error([*TINY, "--population-size", "5"])  # the last of a repeated flag wins
     assert "--sigma" in run_error([*TINY, "--sigma-init", "0.01", "--sigma-limit", "0.1"])
-    message = run_error([*TINY, "--generations", "4", "--sigma-init", "0.05", "--resume", str(base / "straight")])
-    assert "--sigma-init was 0.04, now 0.05" in message
     assert "cannot read" in run_error([*TINY, "--resume", str(tmp_path)])
-    assert "past --generations" in run_error([*TINY, "--generations", "3", "--resume", str(base / "straight")])
-    drift = str(base / "straight" / "drift.msgpack")
+    drift = str(tmp_path / "drift.msgpack")
+    lpo_meta.save_drift(drift, lpo_meta.Args(), lpo_meta.init_drift_params(jax.random.PRNGKey(0)), 0)
     assert "expected" in run_error([*TINY, "--temporal", "--init-drift", drift])
     (tmp_path / "junk.msgpack").write_bytes(b"not a drift")
     assert "cannot read a drift" in run_error([*TINY, "--init-drift", str(tmp_path / "junk.msgpack")])
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_config_fails_in_one_line(runs):
+    base = runs[0]
+    message = run_error([*TINY, "--generations", "4", "--sigma-init", "0.05", "--resume", str(base / "straight")])
+    assert "--sigma-init was 0.04, now 0.05" in message
+    assert "past --generations" in run_error([*TINY, "--generations", "3", "--resume", str(base / "straight")])
+
+
+def test_help_says_what_the_seed_seeds(capsys):
+    with pytest.raises(SystemExit) as done:
+        lpo_meta.main(["--help"])
+    assert done.value.code == 0
+    assert "Seed of the meta-training" in " ".join(capsys.readouterr().out.split())

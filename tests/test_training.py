@@ -22,6 +22,7 @@ LEARN = ["--env", "inverted_pendulum", "--total-timesteps", "1000000", "--num-en
          "--num-seeds", "3"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["ppo.py", "dpo.py"])
 def test_learns_inverted_pendulum(script, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *LEARN, "--out-dir", str(tmp_path)],
