@@ -4,12 +4,15 @@ In Mirror Learning terms a policy update maximises mean(r·Â − D(r, Â)) with
 DPO's drift (`dpo_drift` below) is the closed form the authors distilled from a drift meta-learned by
 LPO; this file is ppo.py with that drift instead, so `diff ppo.py dpo.py` shows exactly what DPO changes.
 
-    python dpo.py --env ant                  # the authors' Brax settings for ant
+    python dpo.py --env ant                  # ant's preset for this machine: cpu on a CPU, paper on a GPU
+    python dpo.py --env ant --preset paper   # the authors' Brax settings, sized for an accelerator
     python dpo.py --env hopper --num-seeds 4 # four seeds, vmapped in one compile
 """
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -22,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from brax import envs
-from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
 from flax import linen as nn
 from flax import serialization
+
+with contextlib.redirect_stdout(io.StringIO()):  # only mujoco prints here: that its optional GPU physics is absent
+    from brax import envs
+    from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
 
 ALGO = "dpo"
 
@@ -34,6 +39,9 @@ ALGO = "dpo"
 class Args:
     env: str = "ant"
     """Brax environment; its preset (PRESETS below) fills every field left at None."""
+    preset: str = "auto"
+    """Preset tier for the fields left at None: cpu (settings measured on a 2-core CPU), paper (the authors' Brax
+    settings, sized for an accelerator), or auto: cpu when jax's default backend is the CPU, paper otherwise."""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
@@ -67,8 +75,7 @@ class Args:
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
     max_grad_norm: float | None = None
-    """Global gradient norm clip (None: off, as in the authors' Brax settings; with reward scaling the value
-    loss's gradient would dominate the norm and shrink the policy's steps)."""
+    """Global gradient norm clip (0: off, as in the authors' Brax settings)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = True
@@ -83,9 +90,9 @@ class Args:
     """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
     action_repeat: int | None = None
     """Environment steps per action."""
-    hidden_sizes: tuple[int, ...] = (256, 256)
+    hidden_sizes: tuple[int, ...] | None = None
     """Hidden layer widths of the policy and of the value network (tanh)."""
-    init_std: float = 1.0
+    init_std: float | None = None
     """Initial std of the policy's Gaussian (learnt, state-independent)."""
     tanh_squash: bool = False
     """Squash the Gaussian's sample into the action range [-1, 1] by tanh instead of clipping it there. Either
@@ -339,7 +346,7 @@ def make_train(args, log_fn=None):
     num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
     lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
     optimizer = optax.adam(lr, eps=1e-5)
-    if args.max_grad_norm is not None:
+    if args.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
 
     def init_runner(key):
@@ -460,14 +467,16 @@ def make_train(args, log_fn=None):
 # ============================================================================================================
 
 
-# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
-# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
-# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
-# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
-# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
-# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
+# Two tiers of per-env settings fill every Args field left at None. `paper`: the authors' Brax settings for ant,
+# humanoid, halfcheetah, walker2d and reacher, the same pattern for the other envs, all sized for an accelerator.
+# Per update: 32 minibatches of `batch` trajectories of `unroll` steps, which Brax collects as short unrolls and
+# this file as one rollout of num_steps = batch·32·unroll / num_envs steps per env (same data, same minibatch
+# size). ent_coef = 0: the authors' entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is
+# state-independent and learns best without a bonus. `cpu`: what reached the highest deterministic return within a
+# few minutes on 2 CPU cores (bench/README.md); an env without a cpu entry uses its paper settings.
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
 # fmt: off
 PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
     "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
@@ -484,29 +493,66 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
     "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
 }
 # fmt: on
+CPU_PRESETS = {  # on top of the env's paper settings
+    "ant": dict(
+        total_timesteps=3_686_400,
+        num_envs=2048,
+        num_steps=10,
+        num_minibatches=32,
+        update_epochs=4,
+        gamma=0.99,
+        max_grad_norm=0.5,
+    ),  # PureJaxRL's settings: many small updates
+    "inverted_pendulum": dict(
+        total_timesteps=2_000_000,
+        num_envs=128,
+        num_steps=32,
+        num_minibatches=4,
+        learning_rate=1e-3,
+        gamma=0.995,
+        hidden_sizes=(64, 64),
+        init_std=0.3,
+    ),
+}  # fmt: skip
+PRESET_TIERS = ("auto", "cpu", "paper")
 BACKENDS = ("spring", "positional", "generalized", "mjx")
 
 
+def preset_for(env, tier):
+    """The settings of one env and tier ("cpu" or "paper") for the fields left at None."""
+    preset = {**dict(zip(PRESET_FIELDS, PRESETS[env], strict=True)), **PAPER_COMMON}
+    return {**preset, **CPU_PRESETS.get(env, {})} if tier == "cpu" else preset
+
+
 def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+    """Fill unset fields from the env's preset tier and check every value, before anything is compiled. The
+    returned Args name the tier used: cpu or paper."""
 
     def fail(message):
         raise SystemExit(f"error: {message}")
 
     if args.env not in PRESETS:
         fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.preset not in PRESET_TIERS:
+        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_TIERS)}")
+    if args.preset == "cpu" and args.env not in CPU_PRESETS:
+        fail(f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)}); use --preset paper")
+    on_cpu = jax.default_backend() == "cpu" and args.env in CPU_PRESETS
+    tier = args.preset if args.preset != "auto" else "cpu" if on_cpu else "paper"
+    preset = preset_for(args.env, tier)
+    args = dataclasses.replace(args, preset=tier, **{k: v for k, v in preset.items() if getattr(args, k) is None})
     if args.backend not in BACKENDS:
         fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
     try:
         envs.get_environment(args.env, backend=args.backend)
     except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
         fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
-    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
+    positive_floats = ("learning_rate", "reward_scaling", "init_std", "vf_clip")  # vf_clip None: off
     for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
         if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.max_grad_norm >= 0:
+        fail(f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     batch = args.num_envs * args.num_steps
@@ -666,7 +712,10 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     config = dataclasses.asdict(args)
     atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
-    print(f"{ALGO} on {args.env} → {out_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()), flush=True)
+    tier = {**dataclasses.asdict(Args()), **preset_for(args.env, args.preset), "env": args.env, "preset": args.preset}
+    changed = ", ".join(f"{k}={v}" for k, v in config.items() if v != tier[k] and k != "out_dir")
+    print(f"{ALGO} on {args.env}, {args.preset} preset{' with ' + changed if changed else ''} → {out_dir}\n  "
+          + ", ".join(f"{k}={config[k]}" for k in (*PRESET_FIELDS, "hidden_sizes")), flush=True)  # fmt: skip
 
     wandb_run = None
     if args.track:
@@ -690,8 +739,8 @@ def main(argv=None):
         if logger.error:  # keep what was reached: the last evaluation before the NaN, marked diverged
             evals = [r for r in logger.rows if r["eval_return"] is not None]
             per_seed = [r["eval_return"] for r in evals[-args.num_seeds :]]
-            summary = dict(env=args.env, algo=ALGO, num_seeds=args.num_seeds, diverged=True, error=logger.error,
-                           diverged_at_update=logger.diverged_at["update"],
+            summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=True,
+                           error=logger.error, diverged_at_update=logger.diverged_at["update"],
                            diverged_at_env_steps=logger.diverged_at["env_steps"],
                            env_steps=evals[-1]["env_steps"] if evals else 0, eval_return_per_seed=per_seed,
                            eval_return_mean=float(np.mean(per_seed)) if evals else None,
@@ -706,9 +755,9 @@ def main(argv=None):
 
     env_steps = logger.rows[-1]["env_steps"]  # the logger always records the last update
     last = [r for r in logger.rows if r["env_steps"] == env_steps]
-    summary = dict(env=args.env, algo=ALGO, num_seeds=args.num_seeds, diverged=False, env_steps=env_steps,
-                   eval_return_mean=float(eval_per_seed.mean()), eval_return_std=float(eval_per_seed.std()),
-                   eval_return_per_seed=eval_per_seed.tolist(),
+    summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=False,
+                   env_steps=env_steps, eval_return_mean=float(eval_per_seed.mean()),
+                   eval_return_std=float(eval_per_seed.std()), eval_return_per_seed=eval_per_seed.tolist(),
                    train_return_mean=float(np.mean([r["train_return"] for r in last])),
                    compile_s=round(compile_s, 2), run_s=round(run_s, 2),
                    sps=round(env_steps * args.num_seeds / run_s, 1))  # fmt: skip

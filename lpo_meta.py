@@ -12,6 +12,7 @@ generation trains the whole population in one jitted call, vmapped and sharded o
     python lpo_meta.py --resume runs/DIR                         # continue a stopped run, same config
 """
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -26,14 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from brax import envs
-from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
 from evosax.algorithms import Open_ES
 from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn, standardize_fitness_shaping_fn
 from flax import linen as nn
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
+
+with contextlib.redirect_stdout(io.StringIO()):  # only mujoco prints here: that its optional GPU physics is absent
+    from brax import envs
+    from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
 
 ALGO = "lpo"
 
@@ -42,6 +45,9 @@ ALGO = "lpo"
 class Args:
     env: str = "ant"
     """Brax environment the drift is meta-trained on; its preset (PRESETS below) fills every field left at None."""
+    preset: str = "auto"
+    """Preset tier for the fields left at None: cpu (settings measured on a 2-core CPU), paper (the authors' Brax
+    settings, sized for an accelerator), or auto: cpu when jax's default backend is the CPU, paper otherwise."""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
@@ -72,8 +78,7 @@ class Args:
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
     max_grad_norm: float | None = None
-    """Global gradient norm clip (None: off, as in the authors' Brax settings; with reward scaling the value
-    loss's gradient would dominate the norm and shrink the policy's steps)."""
+    """Global gradient norm clip (0: off, as in the authors' Brax settings)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = True
@@ -88,9 +93,9 @@ class Args:
     """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
     action_repeat: int | None = None
     """Environment steps per action."""
-    hidden_sizes: tuple[int, ...] = (256, 256)
+    hidden_sizes: tuple[int, ...] | None = None
     """Hidden layer widths of the policy and of the value network (tanh)."""
-    init_std: float = 1.0
+    init_std: float | None = None
     """Initial std of the policy's Gaussian (learnt, state-independent)."""
     tanh_squash: bool = False
     """Squash the Gaussian's sample into the action range [-1, 1] by tanh instead of clipping it there. Either
@@ -393,7 +398,7 @@ def make_train(args, drift_params, log_fn=None):
     num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
     lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
     optimizer = optax.adam(lr, eps=1e-5)
-    if args.max_grad_norm is not None:
+    if args.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
     drift_config = (args.ppo_init, args.clip_eps, args.temporal)  # lpo_drift's arguments after progress
 
@@ -515,14 +520,16 @@ def make_train(args, drift_params, log_fn=None):
 # ============================================================================================================
 
 
-# Per-env settings for every Args field left at None. ant, humanoid, halfcheetah, walker2d and reacher are the
-# authors' Brax settings; the other envs follow their pattern. Per update: 32 minibatches of `batch` trajectories
-# of `unroll` steps, which Brax collects as short unrolls and this file as one rollout of num_steps = batch·32·unroll
-# / num_envs steps per env (same data, same minibatch size, GAE over the whole rollout). ent_coef = 0: the authors'
-# entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is state-independent and learns best without a bonus.
-# ant's reward scale is 1, not their 10: a tanh value network reaches returns of ~100 far sooner than ~1,000.
+# Two tiers of per-env settings fill every Args field left at None. `paper`: the authors' Brax settings for ant,
+# humanoid, halfcheetah, walker2d and reacher, the same pattern for the other envs, all sized for an accelerator.
+# Per update: 32 minibatches of `batch` trajectories of `unroll` steps, which Brax collects as short unrolls and
+# this file as one rollout of num_steps = batch·32·unroll / num_envs steps per env (same data, same minibatch
+# size). ent_coef = 0: the authors' entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is
+# state-independent and learns best without a bonus. `cpu`: what reached the highest deterministic return within a
+# few minutes on 2 CPU cores (bench/README.md); an env without a cpu entry uses its paper settings.
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
+PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
 # fmt: off
 PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
     "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
@@ -539,29 +546,66 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
     "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
 }
 # fmt: on
+CPU_PRESETS = {  # on top of the env's paper settings
+    "ant": dict(
+        total_timesteps=3_686_400,
+        num_envs=2048,
+        num_steps=10,
+        num_minibatches=32,
+        update_epochs=4,
+        gamma=0.99,
+        max_grad_norm=0.5,
+    ),  # PureJaxRL's settings: many small updates
+    "inverted_pendulum": dict(
+        total_timesteps=2_000_000,
+        num_envs=128,
+        num_steps=32,
+        num_minibatches=4,
+        learning_rate=1e-3,
+        gamma=0.995,
+        hidden_sizes=(64, 64),
+        init_std=0.3,
+    ),
+}  # fmt: skip
+PRESET_TIERS = ("auto", "cpu", "paper")
 BACKENDS = ("spring", "positional", "generalized", "mjx")
 
 
+def preset_for(env, tier):
+    """The settings of one env and tier ("cpu" or "paper") for the fields left at None."""
+    preset = {**dict(zip(PRESET_FIELDS, PRESETS[env], strict=True)), **PAPER_COMMON}
+    return {**preset, **CPU_PRESETS.get(env, {})} if tier == "cpu" else preset
+
+
 def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset and check every value, before anything is compiled."""
+    """Fill unset fields from the env's preset tier and check every value, before anything is compiled. The
+    returned Args name the tier used: cpu or paper."""
 
     def fail(message):
         raise SystemExit(f"error: {message}")
 
     if args.env not in PRESETS:
         fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    preset = dict(zip(PRESET_FIELDS, PRESETS[args.env], strict=True))
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.preset not in PRESET_TIERS:
+        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_TIERS)}")
+    if args.preset == "cpu" and args.env not in CPU_PRESETS:
+        fail(f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)}); use --preset paper")
+    on_cpu = jax.default_backend() == "cpu" and args.env in CPU_PRESETS
+    tier = args.preset if args.preset != "auto" else "cpu" if on_cpu else "paper"
+    preset = preset_for(args.env, tier)
+    args = dataclasses.replace(args, preset=tier, **{k: v for k, v in preset.items() if getattr(args, k) is None})
     if args.backend not in BACKENDS:
         fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
     try:
         envs.get_environment(args.env, backend=args.backend)
     except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
         fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
-    positive_floats = ("learning_rate", "reward_scaling", "init_std", "max_grad_norm", "vf_clip")  # None: off
+    positive_floats = ("learning_rate", "reward_scaling", "init_std", "vf_clip")  # vf_clip None: off
     for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
         if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.max_grad_norm >= 0:
+        fail(f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}")
     if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     batch = args.num_envs * args.num_steps

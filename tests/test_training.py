@@ -62,8 +62,21 @@ def test_save_load_gives_identical_actions(tmp_path):
 
 
 def test_preset_fills_only_what_the_user_left_unset():
-    args = ppo.resolve_args(ppo.Args(env="ant", gamma=0.9))
-    assert args.gamma == 0.9
-    preset = ppo.resolve_args(ppo.Args(env="ant"))
-    assert all(getattr(preset, name) is not None for name in ppo.PRESET_FIELDS)
-    assert preset.total_timesteps == 30_000_000 and preset.gamma == 0.97 and preset.num_minibatches == 32
+    args = ppo.resolve_args(ppo.Args(env="ant", gamma=0.9, preset="paper"))
+    assert args.gamma == 0.9 and args.preset == "paper"
+    paper = ppo.resolve_args(ppo.Args(env="ant", preset="paper"))
+    assert all(getattr(paper, name) is not None for name in ppo.PRESET_FIELDS)
+    assert paper.total_timesteps == 30_000_000 and paper.gamma == 0.97 and paper.max_grad_norm == 0.0
+    cpu = ppo.resolve_args(ppo.Args(env="ant", preset="cpu", hidden_sizes=(64, 64)))
+    assert cpu.preset == "cpu" and cpu.hidden_sizes == (64, 64)  # the user's value wins over the tier's
+    assert all(getattr(cpu, k) == v for k, v in ppo.CPU_PRESETS["ant"].items())
+    assert cpu.learning_rate == paper.learning_rate  # a field the cpu tier leaves alone comes from the paper tier
+
+
+def test_auto_preset_is_the_cpu_tier_on_a_cpu_and_paper_without_a_cpu_entry():
+    assert jax.default_backend() == "cpu"
+    assert ppo.resolve_args(ppo.Args(env="ant")).preset == "cpu"
+    assert "swimmer" not in ppo.CPU_PRESETS
+    assert ppo.resolve_args(ppo.Args(env="swimmer")).preset == "paper"
+    with pytest.raises(SystemExit, match="has no cpu preset"):
+        ppo.resolve_args(ppo.Args(env="swimmer", preset="cpu"))
