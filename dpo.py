@@ -643,13 +643,18 @@ def write_replay(path, args, params, obs_stats, key):
 
 
 class Logger:
-    """Receives per-update metrics from inside the jitted loop (via jax.debug.callback)."""
+    """Receives per-update metrics from inside the jitted loop (via jax.debug.callback): records every log_every
+    updates, evaluation and the last update in metrics.csv, and prints a progress line at those and at least every
+    PRINT_EVERY_S seconds."""
+
+    PRINT_EVERY_S = 10.0
 
     def __init__(self, args, out_dir, wandb_run=None):
         self.args, self.wandb_run, self.rows, self.error, self.diverged_at = args, wandb_run, [], None, None
         self.csv_path = os.path.join(out_dir, "metrics.csv")
-        self.start = self.last_time = self.last_steps = None
+        self.start = self.last_time = self.last_steps = self.first_steps = None
         self.steps_per_update = args.num_envs * args.num_steps * args.action_repeat
+        self.num_updates = args.total_timesteps // self.steps_per_update
 
     def __call__(self, metrics):
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
@@ -664,28 +669,32 @@ class Logger:
             raise FloatingPointError(self.error)
         now = time.perf_counter()
         if self.start is None:  # the clock starts at the end of update 1, so the first line has a rate too
-            self.start, self.last_time, self.last_steps = now, now, env_steps
-        last = env_steps + self.steps_per_update > self.args.total_timesteps
-        if update % self.args.log_every and "eval_return" not in metrics and not last:
+            self.start, self.last_time, self.last_steps, self.first_steps = now, now, env_steps, env_steps
+        record = update % self.args.log_every == 0 or "eval_return" in metrics or update == self.num_updates
+        if not (record or update == 1 or now - self.last_time >= self.PRINT_EVERY_S):
             return
         elapsed = now - self.start
-        for i in range(self.args.num_seeds):
-            row = dict(seed=self.args.seed + i, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2),
-                       eval_return=None)  # fmt: skip
-            self.rows.append({**row, **{k: float(v[i]) for k, v in metrics.items()}})
-        with open(self.csv_path, "w", newline="") as f:  # rewritten whole: cheap, and never half a row
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+        mean = {k: float(v.mean()) for k, v in metrics.items()}
+        if record:
+            for i in range(self.args.num_seeds):
+                row = dict(seed=self.args.seed + i, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2),
+                           eval_return=None)  # fmt: skip
+                self.rows.append({**row, **{k: float(v[i]) for k, v in metrics.items()}})
+            text = io.StringIO()  # rewritten whole, atomically: cheap, and never half a row
+            writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
-        mean = {k: float(v.mean()) for k, v in metrics.items()}
+            atomic_write(self.csv_path, text.getvalue().encode())
+            if self.wandb_run is not None:
+                self.wandb_run.log(mean, step=env_steps)
         sps = (env_steps - self.last_steps) / max(now - self.last_time, 1e-9)
+        eta = elapsed * (self.args.total_timesteps - env_steps) / max(env_steps - self.first_steps, 1)
         self.last_time, self.last_steps = now, env_steps
         evaluation = f" | eval {mean['eval_return']:8.1f}" if "eval_return" in mean else ""
-        print(f"update {update:>5} | steps {env_steps:>11,} | return {mean['train_return']:9.1f} | "
-              f"loss {mean['loss']:8.4f} | kl {mean['approx_kl']:.4f} | {sps:8,.0f} steps/s | {elapsed:7.1f} s"
-              f"{evaluation}", flush=True)  # fmt: skip
-        if self.wandb_run is not None:
-            self.wandb_run.log(mean, step=env_steps)
+        progress = f"update {update:>5}/{self.num_updates} {100 * update / self.num_updates:3.0f}%"
+        print(f"{progress} | steps {env_steps:>11,} | return {mean['train_return']:9.1f} | loss {mean['loss']:8.4f} | "
+              f"kl {mean['approx_kl']:.4f} | {sps:8,.0f} steps/s | {elapsed:6.0f} s, {eta:6.0f} s to go{evaluation}",
+              flush=True)  # fmt: skip
 
 
 def plot_returns(path, rows, title):

@@ -154,7 +154,7 @@ def brax_trainer(bench, args):
         reward_scaling=args.reward_scaling,
         clipping_epsilon=args.clip_eps,
         gae_lambda=args.gae_lambda,
-        max_grad_norm=args.max_grad_norm,
+        max_grad_norm=args.max_grad_norm or None,  # 0: off
         network_factory=network_factory,
         num_evals=3,
         num_eval_envs=args.num_eval_envs,
