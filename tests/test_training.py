@@ -14,12 +14,13 @@ import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# inverted_pendulum at a CPU-sized budget (its preset, 2048 envs × 80 steps, suits a GPU), through the command
-# line a user types: 1M steps with a learning rate of 1e-3. Seeds learn at different speeds here: at 250k steps
-# their eval returns were 120–700, at 1M steps 350–910 (the maximum, 1000, is the pole up for the whole episode).
-LEARN = ["--env", "inverted_pendulum", "--total-timesteps", "1000000", "--num-envs", "128", "--num-steps", "32",
-         "--num-minibatches", "4", "--hidden-sizes", "64", "64", "--learning-rate", "1e-3", "--num-eval-envs", "32",
-         "--num-seeds", "3"]  # fmt: skip
+# inverted_pendulum's cpu preset through the command line a user types, plus three switches a preset cannot set
+# (booleans): rewards normalised, observations not, the learning rate annealed to zero. The maximum return, 1000,
+# is the pole up for the whole episode. Over 8 seeds on one CPU (bench/README.md) ppo.py ended at 934-1000 and
+# dpo.py at 873-994 (DPO keeps a larger action std here); each bound leaves ~130 for another CPU's numerics.
+LEARN = ["--env", "inverted_pendulum", "--preset", "cpu", "--normalize-rewards", "--no-normalize-obs", "--anneal-lr",
+         "--num-seeds", "4", "--num-eval-envs", "32"]  # fmt: skip
+MIN_RETURN = {"ppo.py": 800.0, "dpo.py": 740.0}
 
 
 @pytest.mark.slow
@@ -30,8 +31,7 @@ def test_learns_inverted_pendulum(script, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     per_seed = json.loads((tmp_path / "summary.json").read_text())["eval_return_per_seed"]
     print(f"{script}: eval return per seed {per_seed}")
-    assert np.mean(per_seed) >= 450.0
-    assert min(per_seed) >= 300.0  # and no seed failed to learn
+    assert min(per_seed) >= MIN_RETURN[script]
 
 
 def test_save_load_gives_identical_actions(tmp_path):
