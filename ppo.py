@@ -127,12 +127,6 @@ class Args:
 # log-probabilities are those of the Gaussian sample, before the clip or squash.
 
 
-def scaled_init(gain):
-    """Weights of variance gain²/fan_in: the scale of an orthogonal init with that gain, without its QR
-    decomposition, which vmapped over seeds can deadlock XLA's CPU thread pool (jaxlib 0.10)."""
-    return nn.initializers.variance_scaling(gain**2, "fan_in", "normal")
-
-
 class MLP(nn.Module):
     hidden_sizes: tuple[int, ...]
     out_size: int
@@ -141,8 +135,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         for size in self.hidden_sizes:
-            x = nn.tanh(nn.Dense(size, kernel_init=scaled_init(np.sqrt(2)))(x))
-        return nn.Dense(self.out_size, kernel_init=scaled_init(self.out_scale))(x)
+            x = nn.tanh(nn.Dense(size, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x))
+        return nn.Dense(self.out_size, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
 
 
 def make_networks(args, obs_size, action_size):
@@ -429,7 +423,7 @@ def make_train(args, log_fn=None):
         return runner, metrics
 
     def train(keys):
-        runners = jax.vmap(init_runner)(keys)
+        runners = jax.lax.map(init_runner, keys)  # not vmapped: a batched QR (orthogonal init) hangs XLA:CPU
         eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)  # every evaluation starts alike
         evaluate_all = lambda runners: jax.vmap(evaluate)(runners.params, runners.obs_stats, eval_keys)
 

@@ -44,8 +44,10 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
         "ppo.py",
         "--normalize-rewards --no-tanh-squash --vf-clip 0.2",
     ),
+    "ppo + clipped actions + orthogonal init (default)": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
+    "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",
