@@ -515,12 +515,8 @@ def make_train(args, drift_params, log_fn=None):
 # ============================================================================================================
 
 
-# Per-env settings for the Args left at None, in two tiers. `paper`: the authors' Brax settings (ant, humanoid,
-# halfcheetah, walker2d, reacher; the same pattern for the rest), sized for an accelerator. Brax collects each
-# update's 32 minibatches of `batch` trajectories of `unroll` steps as short unrolls, this file as one rollout of
-# num_steps = batch·32·unroll / num_envs steps per env: the same data. ent_coef 0: the authors' entropy costs suit
-# Brax's tanh-Gaussian, not this state-independent std. `cpu`, on top of `paper`: the highest deterministic return
-# within minutes on 2 CPU cores (bench/README.md).
+# Per-env settings for the Args left at None, in two tiers (docs/implementation.md, items 2, 7 and 18): `paper`, the
+# authors' Brax settings sized for an accelerator, and `cpu`, on top of them, measured on 2 CPU cores (bench/README.md).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
@@ -806,8 +802,8 @@ def write_outputs(out_dir, args, strategy, es_state, rows, extra):
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out("fitness.csv"), text.getvalue().encode())
-    gens, mean, std, best = (np.array([r[k] for r in rows]) for k in ("generation", "fitness_mean", "fitness_std",
-                                                                      "fitness_best"))  # fmt: skip
+    columns = ("generation", "fitness_mean", "fitness_std", "fitness_best")
+    gens, mean, std, best = np.array([[r[k] for k in columns] for r in rows]).T  # float64: JSON-serialisable
     fig = Figure(figsize=(6, 4), layout="tight")
     ax = fig.subplots()
     ax.plot(gens, mean, label="population mean")
@@ -821,7 +817,6 @@ def write_outputs(out_dir, args, strategy, es_state, rows, extra):
                    fitness_mean_first=mean[0], fitness_mean_last=mean[-1], fitness_mean_best=np.nanmax(mean),
                    fitness_best_member=np.nanmax(best), rollback_share=plot_drift(out("drift.png"), args, drift_params),
                    generation_s_mean=np.mean([r["generation_s"] for r in rows]), **extra)  # fmt: skip
-    summary = {k: float(v) if isinstance(v, np.floating) else v for k, v in summary.items()}
     atomic_write(out("summary.json"), json.dumps(summary, indent=2).encode())
 
 
@@ -859,8 +854,8 @@ def main(argv=None):
     start_time = time.perf_counter()
     generation = make_generation(args, strategy, mesh).lower(es_state, key).compile()
     compile_s = time.perf_counter() - start_time
-    num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
-    member_steps = num_updates * args.num_envs * args.num_steps * args.action_repeat * args.num_rollouts
+    per_update = args.num_envs * args.num_steps * args.action_repeat
+    member_steps = args.total_timesteps // per_update * per_update * args.num_rollouts
     extra = dict(env_steps_per_member=member_steps, devices=jax.device_count(), compile_s=round(compile_s, 2))
     if lead:
         print(f"compiled in {compile_s:.1f} s on {jax.device_count()} device(s); {member_steps:,} env steps per "
@@ -869,22 +864,21 @@ def main(argv=None):
     for g in range(start + 1, args.generations + 1):  # g: the generation being run, counted from 1
         start_time = time.perf_counter()
         es_state, key, returns, sigma = generation(es_state, key)
-        returns, generation_s = np.asarray(returns), time.perf_counter() - start_time
-        elapsed += generation_s
+        returns, seconds = np.asarray(returns), time.perf_counter() - start_time
+        elapsed += seconds
         failed = int(np.isnan(returns).sum())
         if failed == len(returns):
             raise SystemExit(f"error: every member's training diverged (NaN) at generation {g}")
         row = dict(generation=g, fitness_mean=float(np.nanmean(returns)), fitness_best=float(np.nanmax(returns)),
                    fitness_std=float(np.nanstd(returns)), nan_members=failed, sigma=float(sigma),
-                   es_lr=float(lr(g - 1)), generation_s=round(generation_s, 3),
-                   elapsed_s=round(elapsed, 3))  # fmt: skip
+                   es_lr=float(lr(g - 1)), generation_s=round(seconds, 3), elapsed_s=round(elapsed, 3))  # fmt: skip
         rows.append(row)
         if not lead:
             continue
-        sps = member_steps * args.population_size / generation_s
+        sps = member_steps * args.population_size / seconds
         print(f"generation {g:>5}/{args.generations} | fitness mean {row['fitness_mean']:9.1f} "
               f"best {row['fitness_best']:9.1f} std {row['fitness_std']:8.1f} | NaN {failed} | σ {row['sigma']:.4f} | "
-              f"{generation_s:6.1f} s | {sps:9,.0f} steps/s | {elapsed:8.1f} s", flush=True)  # fmt: skip
+              f"{seconds:6.1f} s | {sps:9,.0f} steps/s | {elapsed:8.1f} s", flush=True)  # fmt: skip
         if g % args.save_every == 0 or g == args.generations:
             es_dict = serialization.to_state_dict(jax.device_get(es_state))
             checkpoint = dict(config=json.dumps(dataclasses.asdict(args)), generation=g, key=np.asarray(key),

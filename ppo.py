@@ -452,12 +452,8 @@ def make_train(args, log_fn=None):
 # ============================================================================================================
 
 
-# Per-env settings for the Args left at None, in two tiers. `paper`: the authors' Brax settings (ant, humanoid,
-# halfcheetah, walker2d, reacher; the same pattern for the rest), sized for an accelerator. Brax collects each
-# update's 32 minibatches of `batch` trajectories of `unroll` steps as short unrolls, this file as one rollout of
-# num_steps = batch·32·unroll / num_envs steps per env: the same data. ent_coef 0: the authors' entropy costs suit
-# Brax's tanh-Gaussian, not this state-independent std. `cpu`, on top of `paper`: the highest deterministic return
-# within minutes on 2 CPU cores (bench/README.md).
+# Per-env settings for the Args left at None, in two tiers (docs/implementation.md, items 2, 7 and 18): `paper`, the
+# authors' Brax settings sized for an accelerator, and `cpu`, on top of them, measured on 2 CPU cores (bench/README.md).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
@@ -564,11 +560,8 @@ def save_policy(path, args, params, obs_stats):
 def make_act(args, params, obs_stats):
     """act(obs) → the deterministic action of one seed's policy: its mean, brought into [-1, 1]."""
     _, policy, _ = make_networks(args, obs_stats.mean.shape[-1], params["log_std"].shape[-1])
-
-    def act(obs):
-        return env_action(policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))[0], args.tanh_squash)
-
-    return act
+    mean = lambda obs: policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))[0]
+    return lambda obs: env_action(mean(obs), args.tanh_squash)
 
 
 def load_policy(path, seed_index=0):
