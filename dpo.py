@@ -40,7 +40,7 @@ class Args:
     env: str = "ant"
     """Brax environment; its preset (PRESETS below) fills every field left at None."""
     preset: str = "auto"
-    """Preset tier for the fields left at None: cpu, paper, or auto (cpu on a CPU backend, else paper)."""
+    """Preset tier: cpu (tuned on 2 CPU cores), paper (the authors' Brax settings) or auto (cpu on a CPU, else paper)"""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
@@ -78,7 +78,7 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
-    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (bench/README.md)."""
+    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (off: bench/README.md)."""
     vf_clip: float | None = None
     """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
@@ -706,8 +706,9 @@ def main(argv=None):
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.seed, args.seed + args.num_seeds))
     start = time.perf_counter()
     compiled = train.lower(keys).compile()
-    compile_s, start = time.perf_counter() - start, time.perf_counter()
+    compile_s = time.perf_counter() - start
     print(f"compiled in {compile_s:.1f} s", flush=True)
+    start = time.perf_counter()
     summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=False)
     try:
         runners, eval_returns = jax.block_until_ready(compiled(keys))

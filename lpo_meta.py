@@ -46,7 +46,7 @@ class Args:
     env: str = "ant"
     """Brax environment the drift is meta-trained on; its preset (PRESETS below) fills every field left at None."""
     preset: str = "auto"
-    """Preset tier for the fields left at None: cpu, paper, or auto (cpu on a CPU backend, else paper)."""
+    """Preset tier: cpu (tuned on 2 CPU cores), paper (the authors' Brax settings) or auto (cpu on a CPU, else paper)"""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
@@ -80,7 +80,7 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
-    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (bench/README.md)."""
+    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (off: bench/README.md)."""
     vf_clip: float | None = None
     """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
