@@ -271,11 +271,6 @@ def write_tables(args, envs_, algos, results, drift_config):
     ppo.atomic_write(os.path.join(args.results_dir, "results.md"), ("\n".join(lines) + "\n").encode())
 
 
-def save_figure(fig, path):
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
-
-
 def plot_curves(path, envs_, algos, results):
     ncols = min(len(envs_), 3)
     nrows = math.ceil(len(envs_) / ncols)
@@ -292,7 +287,7 @@ def plot_curves(path, envs_, algos, results):
     for ax in axes.flat[len(envs_) :]:
         ax.axis("off")
     fig.suptitle("mean over seeds (line) and min–max (band)", fontsize="small")
-    save_figure(fig, path)
+    lpo_meta.save_figure(fig, path)
 
 
 def plot_drifts(path, args, lpo=None):
@@ -314,7 +309,7 @@ def plot_drifts(path, args, lpo=None):
         _, slope = lpo_meta.drift_maps(drift_fn)
         image = lpo_meta.heat_map(ax, slope, title, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     fig.colorbar(image, ax=list(axes), label="∂(r·Â − D)/∂r", extend="both")
-    save_figure(fig, path)
+    lpo_meta.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -46,13 +46,11 @@ class Args:
     env: str = "ant"
     """Brax environment the drift is meta-trained on; its preset (PRESETS below) fills every field left at None."""
     preset: str = "auto"
-    """Preset tier for the fields left at None: cpu (settings measured on a 2-core CPU), paper (the authors' Brax
-    settings, sized for an accelerator), or auto: cpu when jax's default backend is the CPU, paper otherwise."""
+    """Preset tier: cpu (tuned on 2 CPU cores), paper (the authors' Brax settings) or auto (cpu on a CPU, else paper)"""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
-    """Seed of the meta-training: of the ES's noise, of the drift network's initial hidden layer and of every
-    generation's env keys (which all its members share)."""
+    """Seed of the meta-training: of the ES noise, the drift's initial hidden layer and every generation's env keys."""
     total_timesteps: int | None = None
     """Environment steps per run (action repeats included)."""
     num_envs: int | None = None
@@ -74,7 +72,7 @@ class Args:
     clip_eps: float = 0.2
     """PPO's clipping range ε: the drift is zero for r in [1 − ε, 1 + ε]."""
     ent_coef: float = 0.0
-    """Entropy bonus coefficient. 0: with a state-independent std the bonus only inflates the action noise."""
+    """Entropy bonus coefficient (0: with a state-independent std it only inflates the action noise)."""
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
     max_grad_norm: float | None = None
@@ -82,15 +80,13 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
-    """Divide rewards, for learning only, by the running std of the envs' discounted returns (no mean subtracted),
-    updated every step, and clip them to [-10, 10]. Off by default: it cost PPO return on ant (bench/README.md)."""
+    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (off: bench/README.md)."""
     vf_clip: float | None = None
-    """Clip each value update: the loss is the larger squared error of V and of V_old + clip(V − V_old, ±vf_clip)
-    (None: off)."""
+    """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
     """Normalise observations with running statistics, clipped to [-5, 5]."""
     episode_length: int = 1000
-    """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
+    """Time limit of an episode in environment steps (a truncation, not a terminal state)."""
     action_repeat: int | None = None
     """Environment steps per action."""
     hidden_sizes: tuple[int, ...] | None = None
@@ -98,8 +94,7 @@ class Args:
     init_std: float | None = None
     """Initial std of the policy's Gaussian (learnt, state-independent)."""
     tanh_squash: bool = False
-    """Squash the Gaussian's sample into the action range [-1, 1] by tanh instead of clipping it there. Either
-    way log-probabilities and ratios are those of the Gaussian sample."""
+    """Squash Gaussian samples into [-1, 1] by tanh instead of clipping (ratios stay those of the samples)."""
     num_eval_envs: int = 128
     """Environments in each deterministic evaluation (one full episode each, the mean action)."""
     num_evals: int = 1
@@ -514,13 +509,8 @@ def make_train(args, drift_params, log_fn=None):
 # ============================================================================================================
 
 
-# Two tiers of per-env settings fill every Args field left at None. `paper`: the authors' Brax settings for ant,
-# humanoid, halfcheetah, walker2d and reacher, the same pattern for the other envs, all sized for an accelerator.
-# Per update: 32 minibatches of `batch` trajectories of `unroll` steps, which Brax collects as short unrolls and
-# this file as one rollout of num_steps = batch·32·unroll / num_envs steps per env (same data, same minibatch
-# size). ent_coef = 0: the authors' entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is
-# state-independent and learns best without a bonus. `cpu`: what reached the highest deterministic return within a
-# few minutes on 2 CPU cores (bench/README.md); an env without a cpu entry uses its paper settings.
+# Per-env settings for the Args left at None, in two tiers (docs/implementation.md, items 2, 7 and 18): `paper`, the
+# authors' Brax settings sized for an accelerator, and `cpu`, on top of them, measured on 2 CPU cores (bench/README.md).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
@@ -546,8 +536,7 @@ CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it rea
                               learning_rate=1e-3, gamma=0.995, hidden_sizes=(64, 64), init_std=0.3),
 }
 # fmt: on
-PRESET_TIERS = ("auto", "cpu", "paper")
-BACKENDS = ("spring", "positional", "generalized", "mjx")
+CHOICES = dict(env=PRESETS, preset=("auto", "cpu", "paper"), backend=("spring", "positional", "generalized", "mjx"))
 
 
 def preset_for(env, tier):
@@ -557,70 +546,68 @@ def preset_for(env, tier):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset tier and check every value, before anything is compiled. The
-    returned Args name the tier used: cpu or paper."""
+    """Fill the fields left at None from the env's preset tier (the returned args.preset: cpu or paper) and check
+    every value before anything is compiled; a bad one is a one-line SystemExit("error: ...")."""
 
-    def fail(message):
-        raise SystemExit(f"error: {message}")
+    def check(ok, message):
+        if not ok:
+            raise SystemExit(f"error: {message}")
 
-    if args.env not in PRESETS:
-        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    if args.preset not in PRESET_TIERS:
-        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_TIERS)}")
-    if args.preset == "cpu" and args.env not in CPU_PRESETS:
-        fail(f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)}); use --preset paper")
+    def check_choices(*names):
+        for name in names:
+            value = getattr(args, name)
+            check(value in CHOICES[name], f"unknown {name} {value!r}; choose one of: {', '.join(CHOICES[name])}")
+
+    check_choices("env", "preset")
+    no_cpu_preset = f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)})"
+    check(args.preset != "cpu" or args.env in CPU_PRESETS, f"{no_cpu_preset}; use --preset paper")
     on_cpu = jax.default_backend() == "cpu" and args.env in CPU_PRESETS
     tier = args.preset if args.preset != "auto" else "cpu" if on_cpu else "paper"
-    preset = preset_for(args.env, tier)
-    args = dataclasses.replace(args, preset=tier, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.backend not in BACKENDS:
-        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    preset = {k: v for k, v in preset_for(args.env, tier).items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, preset=tier, **preset)
+    check_choices("backend")
     try:
         envs.get_environment(args.env, backend=args.backend)
     except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
-        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+        check(False, f"env {args.env!r} does not support backend {args.backend!r} ({e})")
     positive_floats = ("learning_rate", "reward_scaling", "init_std", "vf_clip")  # vf_clip None: off
     for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
-        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.max_grad_norm >= 0:
-        fail(f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+        if type(value) is int and name != "seed" or name in positive_floats and value is not None:
+            check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
     batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
-             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
-    per_update = batch * args.action_repeat
-    if args.total_timesteps < per_update:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
-             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
-    if args.num_evals > args.total_timesteps // per_update:
-        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
-             f"(at most one evaluation per update)")  # fmt: skip
-    if any(h <= 0 for h in args.hidden_sizes):
-        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    updates = args.total_timesteps // (batch * args.action_repeat)
+    for ok, message in (
+        (args.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}"),
+        (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1,
+         f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}"),
+        (batch % args.num_minibatches == 0, f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is "
+                                            f"not divisible by --num-minibatches {args.num_minibatches}"),
+        (updates > 0, f"--total-timesteps {args.total_timesteps} is less than one update "
+                      f"(num_envs·num_steps·action_repeat = {batch * args.action_repeat})"),
+        (args.num_evals <= updates, f"--num-evals {args.num_evals} is more than the {updates} updates "
+                                    "(at most one evaluation per update)"),
+        (all(h > 0 for h in args.hidden_sizes), f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
+    ):  # fmt: skip
+        check(ok, message)
     return args
 
 
 def check_lpo_args(args: Args) -> Args:
     """LPO's own checks, after resolve_args and before anything is compiled."""
-
-    def fail(message):
-        raise SystemExit(f"error: {message}")
-
-    if args.population_size % 2:
-        fail(f"--population-size must be even (antithetic pairs), got {args.population_size}")
-    if args.population_size % jax.device_count():
-        fail(f"--population-size {args.population_size} must be a multiple of the {jax.device_count()} devices")
+    size, devices = args.population_size, jax.device_count()
     schedules = dict(sigma=(args.sigma_init, args.sigma_decay, args.sigma_limit),
                      es_lr=(args.es_lr, args.es_lr_decay, args.es_lr_limit))  # fmt: skip
-    for name, (init, decay, limit) in schedules.items():
-        if not (0 < limit <= init and 0 < decay <= 1):
-            fail(f"--{name.replace('_', '-')} schedule: need 0 < limit ≤ initial value and 0 < decay ≤ 1, "
-                 f"got {init}, decay {decay}, limit {limit}")  # fmt: skip
-    if args.resume and args.out_dir and os.path.abspath(args.out_dir) != os.path.abspath(args.resume):
-        fail("--resume continues in its own folder: leave --out-dir unset")
+    other_dir = args.resume and args.out_dir and os.path.abspath(args.out_dir) != os.path.abspath(args.resume)
+    for ok, message in [
+        (size % 2 == 0, f"--population-size must be even (antithetic pairs), got {size}"),
+        (size % devices == 0, f"--population-size {size} must be a multiple of the {devices} devices"),
+        *((0 < limit <= init and 0 < decay <= 1, f"--{name.replace('_', '-')} schedule: need 0 < limit ≤ initial "
+           f"value and 0 < decay ≤ 1, got {init}, decay {decay}, limit {limit}")
+          for name, (init, decay, limit) in schedules.items()),
+        (not other_dir, "--resume continues in its own folder: leave --out-dir unset"),
+    ]:  # fmt: skip
+        if not ok:
+            raise SystemExit(f"error: {message}")
     return args
 
 
@@ -656,19 +643,16 @@ def make_generation(args, strategy, mesh):
     (num_rollouts runs each, on env keys the whole generation shares), tell. One jitted call."""
 
     def member_return(drift_params, env_keys):  # one whole training run per env key, with this member's drift
-        train = make_train(args, drift_params, log_fn=None)  # no metric stacks
-        runners, eval_returns = train(env_keys)
+        runners, eval_returns = make_train(args, drift_params, log_fn=None)(env_keys)  # no metric stacks
         # a diverged run scores NaN whatever the env says: inverted_pendulum never ends an episode on NaN actions
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(runners.params)]))
         return jnp.where(finite, eval_returns.mean(), jnp.nan)
 
-    def member_returns(population, env_keys):  # one device's share of the population
-        return jax.vmap(member_return, in_axes=(0, None))(population, env_keys)
-
     # check_vma=False: with jax 0.10.2's default type checks on, sharded members trained to wrong returns
     # (tests/test_lpo_meta.py compares 2 devices with 1); the members never communicate anyway
-    member_returns = jax.shard_map(member_returns, mesh=mesh, in_specs=(PartitionSpec("population"), PartitionSpec()),
-                                   out_specs=PartitionSpec("population"), check_vma=False)  # fmt: skip
+    member_returns = jax.shard_map(jax.vmap(member_return, in_axes=(0, None)), mesh=mesh, check_vma=False,
+                                   in_specs=(PartitionSpec("population"), PartitionSpec()),
+                                   out_specs=PartitionSpec("population"))  # fmt: skip
     es_params, replicated = strategy.default_params, NamedSharding(mesh, PartitionSpec())
 
     def generation(es_state, key):
@@ -679,62 +663,61 @@ def make_generation(args, strategy, mesh):
         returns = member_returns(population, jax.random.split(env_key, args.num_rollouts))
         returns = jnp.where(jnp.isfinite(returns), returns, jnp.nan)  # ±inf is a diverged run too
         returns = jax.lax.with_sharding_constraint(returns, replicated)
-        sigma = es_state.std
-        es_state, _ = strategy.tell(tell_key, population, -returns, es_state, es_params)
-        return es_state, key, returns, sigma
+        new_state, _ = strategy.tell(tell_key, population, -returns, es_state, es_params)
+        return new_state, key, returns, es_state.std
 
     return jax.jit(generation, in_shardings=replicated, out_shardings=replicated, compiler_options=compiler_options())
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files: checkpoints hold all a run needs to continue bit-exactly; drift.msgpack all a user needs.
+# Files: a checkpoint holds all a run needs to continue bit-exactly, drift.msgpack all a user needs.
 
 
 def atomic_write(path, data: bytes):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    os.replace(f.name, path)
 
 
 RESUMABLE = ("generations", "save_every", "resume", "out_dir", "distributed", "init_drift")  # may change on resume
 
 
-def save_checkpoint(path, args, generation, key, es_state, rows):
-    blob = dict(config=json.dumps(dataclasses.asdict(args)), generation=generation, key=np.asarray(key),
-                es_state=serialization.to_state_dict(jax.device_get(es_state)), rows=json.dumps(rows))  # fmt: skip
-    atomic_write(path, serialization.msgpack_serialize(blob))
-
-
-def read_checkpoint(run_dir):
-    path = os.path.join(run_dir, "checkpoint.msgpack")
+def parse_args(argv=None):
+    """(args, the checkpoint of --resume DIR or None). With --resume the saved run's config gives every flag's
+    default, so that `--resume DIR` alone continues it; flags given must still agree with it, except RESUMABLE ones."""
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    if not args.resume:
+        return args, None
+    path = os.path.join(args.resume, "checkpoint.msgpack")
     try:
         with open(path, "rb") as f:
-            return serialization.msgpack_restore(f.read())
+            checkpoint = serialization.msgpack_restore(f.read())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read {path} ({e})") from None
+    fields = {f.name for f in dataclasses.fields(Args)}
+    saved = {k: v for k, v in json.loads(checkpoint["config"]).items() if k in fields}
+    saved.update(hidden_sizes=tuple(saved["hidden_sizes"]), resume=args.resume, out_dir=None)
+    return tyro.cli(Args, args=argv, description=__doc__, default=Args(**saved)), checkpoint
 
 
-def load_checkpoint(args, es_state):
-    """Returns (es_state, key, generation, rows) of the run in args.resume, es_state restored into the given
-    template; SystemExit("error: ...") if that run had another config."""
-    blob = read_checkpoint(args.resume)
-    saved, now = json.loads(blob["config"]), json.loads(json.dumps(dataclasses.asdict(args)))
-    differ = [k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v]
-    if differ:
-        changes = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in differ)
-        raise SystemExit(f"error: --resume {args.resume} was run with another config: {changes}")
-    if blob["generation"] > args.generations:
-        raise SystemExit(f"error: --resume: the checkpoint is at generation {blob['generation']}, "
+def load_checkpoint(args, checkpoint, es_state):
+    """(es_state, key, generation, rows) of a checkpoint, es_state restored into the given template; a one-line
+    SystemExit if its run had another config or is past --generations."""
+    saved, now = json.loads(checkpoint["config"]), json.loads(json.dumps(dataclasses.asdict(args)))
+    changes = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {v!r}"
+               for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v]  # fmt: skip
+    if changes:
+        raise SystemExit(f"error: --resume {args.resume} was run with another config: {'; '.join(changes)}")
+    if checkpoint["generation"] > args.generations:
+        raise SystemExit(f"error: --resume: the checkpoint is at generation {checkpoint['generation']}, "
                          f"past --generations {args.generations}")  # fmt: skip
-    es_state = serialization.from_state_dict(es_state, blob["es_state"])
-    return es_state, blob["key"], int(blob["generation"]), json.loads(blob["rows"])
+    es_state = serialization.from_state_dict(es_state, checkpoint["es_state"])
+    return es_state, checkpoint["key"], int(checkpoint["generation"]), json.loads(checkpoint["rows"])
 
 
 def save_drift(path, args, drift_params, generation):
     config = dict(env=args.env, ppo_init=args.ppo_init, temporal=args.temporal, clip_eps=args.clip_eps)
-    config["generation"] = generation
-    blob = {"config": json.dumps(config), "params": jax.device_get(drift_params)}
+    blob = {"config": json.dumps({**config, "generation": generation}), "params": jax.device_get(drift_params)}
     atomic_write(path, serialization.msgpack_serialize(blob))
 
 
@@ -755,16 +738,8 @@ def load_drift(path, temporal=None):
     return jax.tree.map(jnp.asarray, params), config
 
 
-def write_csv(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, text.getvalue().encode())
-
-
 # ---------------------------------------------------------------------------------------------------
-# Plots: the fitness curve, and the drift as heat maps over (r, Â) like the paper's figures.
+# Outputs: fitness.csv and its plot; the drift as heat maps over (r, Â) like the paper's figures.
 
 
 HEAT_MAP_R, HEAT_MAP_A = np.linspace(0.01, 2.0, 200), np.linspace(-3.0, 3.0, 121)  # every drift heat map's grid
@@ -793,75 +768,55 @@ def save_figure(fig, path):
     os.replace(path + ".tmp.png", path)
 
 
-def plot_fitness(path, rows, title):
-    gen = [r["generation"] for r in rows]
-    mean, std = np.array([r["fitness_mean"] for r in rows]), np.array([r["fitness_std"] for r in rows])
-    fig = Figure(figsize=(6, 4), layout="tight")
-    ax = fig.subplots()
-    ax.plot(gen, mean, label="population mean")
-    ax.fill_between(gen, mean - std, mean + std, alpha=0.3, label="± std")
-    ax.plot(gen, [r["fitness_best"] for r in rows], ".", ms=3, label="best member")
-    ax.set(xlabel="generation", ylabel="final evaluation return", title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
-    save_figure(fig, path)
-
-
 def plot_drift(path, args, drift_params):
     """Heat maps of D and of ∂(r·Â − D)/∂r over r ∈ (0, 2] × Â ∈ [−3, 3] (rows: n/N = 0, ½, 1 if temporal).
     Returns the share of the quadrant Â < 0, r < 1 − ε (where PPO's slope is 0) with a slope > 0.1: rollback."""
     progresses = (0.0, 0.5, 1.0) if args.temporal else (0.0,)
     fig = Figure(figsize=(11, 4 * len(progresses)), layout="tight")
-    axes = fig.subplots(len(progresses), 2, squeeze=False)
     quadrant = (HEAT_MAP_A[:, None] < 0) & (HEAT_MAP_R[None, :] < 1 - args.clip_eps)
-    rollback = []
-    for row, progress in zip(axes, progresses, strict=True):
-        drift, slope = drift_maps(
-            lambda r, a, p=progress: lpo_drift(drift_params, r, a, p, args.ppo_init, args.clip_eps, args.temporal)
-        )
+    rollback, drift_config = [], (args.ppo_init, args.clip_eps, args.temporal)
+    for row, progress in zip(fig.subplots(len(progresses), 2, squeeze=False), progresses, strict=True):
+        drift, slope = drift_maps(lambda r, a, p=progress: lpo_drift(drift_params, r, a, p, *drift_config))
         rollback.append(float((slope[quadrant] > 0.1).mean()))
         when = f" at n/N = {progress}" if args.temporal else ""
-        for ax, z, title, kw in (
-            (row[0], drift, f"drift D(r, Â){when}", dict(cmap="viridis")),
-            (row[1], slope, f"∂(r·Â − D)/∂r{when} (> 0 for Â < 0: rollback)", dict(cmap="RdBu_r", vmin=-3, vmax=3)),
-        ):  # fmt: skip
-            fig.colorbar(heat_map(ax, z, title, **kw), ax=ax)
+        fig.colorbar(heat_map(row[0], drift, f"drift D(r, Â){when}", cmap="viridis"), ax=row[0])
+        fig.colorbar(heat_map(row[1], slope, f"∂(r·Â − D)/∂r{when} (> 0 for Â < 0: rollback)", cmap="RdBu_r",
+                              vmin=-3, vmax=3), ax=row[1])  # fmt: skip
     save_figure(fig, path)
     return rollback
 
 
 def write_outputs(out_dir, args, strategy, es_state, rows, extra):
     """drift.msgpack (the ES mean), fitness.csv, fitness.png, drift.png, summary.json."""
-    drift_params = strategy.get_mean(jax.device_get(es_state))
-    generation = rows[-1]["generation"]
-    save_drift(os.path.join(out_dir, "drift.msgpack"), args, drift_params, generation)
-    write_csv(os.path.join(out_dir, "fitness.csv"), rows)
-    plot_fitness(os.path.join(out_dir, "fitness.png"), rows, f"LPO meta-training on {args.env}")
-    rollback = plot_drift(os.path.join(out_dir, "drift.png"), args, drift_params)
-    means = [r["fitness_mean"] for r in rows]
+    out = lambda name: os.path.join(out_dir, name)
+    drift_params, generation = strategy.get_mean(jax.device_get(es_state)), rows[-1]["generation"]
+    save_drift(out("drift.msgpack"), args, drift_params, generation)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out("fitness.csv"), text.getvalue().encode())
+    columns = ("generation", "fitness_mean", "fitness_std", "fitness_best")
+    gens, mean, std, best = np.array([[r[k] for k in columns] for r in rows]).T  # float64: JSON-serialisable
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
+    ax.plot(gens, mean, label="population mean")
+    ax.fill_between(gens, mean - std, mean + std, alpha=0.3, label="± std")
+    ax.plot(gens, best, ".", ms=3, label="best member")
+    ax.set(xlabel="generation", ylabel="final evaluation return", title=f"LPO meta-training on {args.env}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    save_figure(fig, out("fitness.png"))
     summary = dict(env=args.env, algo=ALGO, generations=generation, population_size=args.population_size,
-                   fitness_mean_first=means[0], fitness_mean_last=means[-1], fitness_mean_best=float(np.nanmax(means)),
-                   fitness_best_member=float(np.nanmax([r["fitness_best"] for r in rows])),
-                   rollback_share=rollback, generation_s_mean=float(np.mean([r["generation_s"] for r in rows])),
-                   **extra)  # fmt: skip
-    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-
-
-def parse_args(argv=None):
-    """The command line. With --resume DIR the saved run's config gives every flag's default, so that
-    `--resume DIR` alone continues it; flags given must still agree with it, except RESUMABLE ones."""
-    args = tyro.cli(Args, args=argv, description=__doc__)
-    if args.resume:
-        saved = json.loads(read_checkpoint(args.resume)["config"])
-        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
-        saved.update(hidden_sizes=tuple(saved["hidden_sizes"]), resume=args.resume, out_dir=None)
-        args = tyro.cli(Args, args=argv, description=__doc__, default=Args(**saved))
-    return args
+                   fitness_mean_first=mean[0], fitness_mean_last=mean[-1], fitness_mean_best=np.nanmax(mean),
+                   fitness_best_member=np.nanmax(best), rollback_share=plot_drift(out("drift.png"), args, drift_params),
+                   generation_s_mean=np.mean([r["generation_s"] for r in rows]), **extra)  # fmt: skip
+    atomic_write(out("summary.json"), json.dumps(summary, indent=2).encode())
 
 
 def main(argv=None):
     warnings.filterwarnings("ignore", message="Brax System, piplines and environments are not actively")
-    args = parse_args(argv)
+    args, checkpoint = parse_args(argv)
     if args.distributed:
         jax.distributed.initialize()  # before anything touches a device
     args = check_lpo_args(resolve_args(args))
@@ -875,53 +830,54 @@ def main(argv=None):
     if args.init_drift:
         mean = load_drift(args.init_drift, args.temporal)[0]
     es_state, start, rows = strategy.init(init_key, mean, strategy.default_params), 0, []
-    if args.resume:
-        es_state, key, start, rows = load_checkpoint(args, es_state)
+    if checkpoint is not None:
+        es_state, key, start, rows = load_checkpoint(args, checkpoint, es_state)
     if lead:
         os.makedirs(out_dir, exist_ok=True)
         config = dataclasses.asdict(args)
         atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
         print(f"{ALGO} on {args.env} → {out_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()), flush=True)
-
     if start == args.generations:
         if lead:
             print(f"{out_dir} is already at generation {start}: raise --generations to continue it")
         return
+
     mesh = jax.make_mesh((jax.device_count(),), ("population",), (jax.sharding.AxisType.Auto,))
     # host copies: strongly typed, identical on every host, so a fresh and a restored state compile alike
     es_state, key = jax.device_put(jax.tree.map(np.asarray, (es_state, key)), NamedSharding(mesh, PartitionSpec()))
     start_time = time.perf_counter()
     generation = make_generation(args, strategy, mesh).lower(es_state, key).compile()
     compile_s = time.perf_counter() - start_time
-    num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
-    member_steps = num_updates * args.num_envs * args.num_steps * args.action_repeat * args.num_rollouts
+    per_update = args.num_envs * args.num_steps * args.action_repeat
+    member_steps = args.total_timesteps // per_update * per_update * args.num_rollouts
     extra = dict(env_steps_per_member=member_steps, devices=jax.device_count(), compile_s=round(compile_s, 2))
     if lead:
         print(f"compiled in {compile_s:.1f} s on {jax.device_count()} device(s); {member_steps:,} env steps per "
               f"member, {member_steps * args.population_size:,} per generation", flush=True)  # fmt: skip
-
     elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-    for g in range(start, args.generations):
+    for g in range(start + 1, args.generations + 1):  # g: the generation being run, counted from 1
         start_time = time.perf_counter()
         es_state, key, returns, sigma = generation(es_state, key)
-        returns = np.asarray(returns)
-        generation_s = time.perf_counter() - start_time
-        elapsed += generation_s
+        returns, seconds = np.asarray(returns), time.perf_counter() - start_time
+        elapsed += seconds
         failed = int(np.isnan(returns).sum())
         if failed == len(returns):
-            raise SystemExit(f"error: every member's training diverged (NaN) at generation {g + 1}")
-        row = dict(generation=g + 1, fitness_mean=float(np.nanmean(returns)), fitness_best=float(np.nanmax(returns)),
+            raise SystemExit(f"error: every member's training diverged (NaN) at generation {g}")
+        row = dict(generation=g, fitness_mean=float(np.nanmean(returns)), fitness_best=float(np.nanmax(returns)),
                    fitness_std=float(np.nanstd(returns)), nan_members=failed, sigma=float(sigma),
-                   es_lr=float(lr(g)), generation_s=round(generation_s, 3), elapsed_s=round(elapsed, 3))  # fmt: skip
+                   es_lr=float(lr(g - 1)), generation_s=round(seconds, 3), elapsed_s=round(elapsed, 3))  # fmt: skip
         rows.append(row)
         if not lead:
             continue
-        sps = member_steps * args.population_size / generation_s
-        print(f"generation {g + 1:>5}/{args.generations} | fitness mean {row['fitness_mean']:9.1f} "
+        sps = member_steps * args.population_size / seconds
+        print(f"generation {g:>5}/{args.generations} | fitness mean {row['fitness_mean']:9.1f} "
               f"best {row['fitness_best']:9.1f} std {row['fitness_std']:8.1f} | NaN {failed} | σ {row['sigma']:.4f} | "
-              f"{generation_s:6.1f} s | {sps:9,.0f} steps/s | {elapsed:8.1f} s", flush=True)  # fmt: skip
-        if (g + 1) % args.save_every == 0 or g + 1 == args.generations:
-            save_checkpoint(os.path.join(out_dir, "checkpoint.msgpack"), args, g + 1, key, es_state, rows)
+              f"{seconds:6.1f} s | {sps:9,.0f} steps/s | {elapsed:8.1f} s", flush=True)  # fmt: skip
+        if g % args.save_every == 0 or g == args.generations:
+            es_dict = serialization.to_state_dict(jax.device_get(es_state))
+            checkpoint = dict(config=json.dumps(dataclasses.asdict(args)), generation=g, key=np.asarray(key),
+                              es_state=es_dict, rows=json.dumps(rows))  # fmt: skip
+            atomic_write(os.path.join(out_dir, "checkpoint.msgpack"), serialization.msgpack_serialize(checkpoint))
             write_outputs(out_dir, args, strategy, es_state, rows, extra)
     if lead and rows:
         print(f"{ALGO} {args.env}: fitness mean {rows[0]['fitness_mean']:.1f} at generation 1, "

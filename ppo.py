@@ -40,8 +40,7 @@ class Args:
     env: str = "ant"
     """Brax environment; its preset (PRESETS below) fills every field left at None."""
     preset: str = "auto"
-    """Preset tier for the fields left at None: cpu (settings measured on a 2-core CPU), paper (the authors' Brax
-    settings, sized for an accelerator), or auto: cpu when jax's default backend is the CPU, paper otherwise."""
+    """Preset tier: cpu (tuned on 2 CPU cores), paper (the authors' Brax settings) or auto (cpu on a CPU, else paper)"""
     backend: str | None = None
     """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
     seed: int = 0
@@ -69,7 +68,7 @@ class Args:
     clip_eps: float = 0.2
     """PPO's clipping range ε: the drift is zero for r in [1 − ε, 1 + ε]."""
     ent_coef: float = 0.0
-    """Entropy bonus coefficient. 0: with a state-independent std the bonus only inflates the action noise."""
+    """Entropy bonus coefficient (0: with a state-independent std it only inflates the action noise)."""
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
     max_grad_norm: float | None = None
@@ -77,15 +76,13 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
-    """Divide rewards, for learning only, by the running std of the envs' discounted returns (no mean subtracted),
-    updated every step, and clip them to [-10, 10]. Off by default: it cost PPO return on ant (bench/README.md)."""
+    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (off: bench/README.md)."""
     vf_clip: float | None = None
-    """Clip each value update: the loss is the larger squared error of V and of V_old + clip(V − V_old, ±vf_clip)
-    (None: off)."""
+    """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
     """Normalise observations with running statistics, clipped to [-5, 5]."""
     episode_length: int = 1000
-    """Time limit of an episode, in environment steps; reaching it is a truncation, not a terminal state."""
+    """Time limit of an episode in environment steps (a truncation, not a terminal state)."""
     action_repeat: int | None = None
     """Environment steps per action."""
     hidden_sizes: tuple[int, ...] | None = None
@@ -93,8 +90,7 @@ class Args:
     init_std: float | None = None
     """Initial std of the policy's Gaussian (learnt, state-independent)."""
     tanh_squash: bool = False
-    """Squash the Gaussian's sample into the action range [-1, 1] by tanh instead of clipping it there. Either
-    way log-probabilities and ratios are those of the Gaussian sample."""
+    """Squash Gaussian samples into [-1, 1] by tanh instead of clipping (ratios stay those of the samples)."""
     num_eval_envs: int = 128
     """Environments in each deterministic evaluation (one full episode each, the mean action)."""
     num_evals: int = 1
@@ -450,13 +446,8 @@ def make_train(args, log_fn=None):
 # ============================================================================================================
 
 
-# Two tiers of per-env settings fill every Args field left at None. `paper`: the authors' Brax settings for ant,
-# humanoid, halfcheetah, walker2d and reacher, the same pattern for the other envs, all sized for an accelerator.
-# Per update: 32 minibatches of `batch` trajectories of `unroll` steps, which Brax collects as short unrolls and
-# this file as one rollout of num_steps = batch·32·unroll / num_envs steps per env (same data, same minibatch
-# size). ent_coef = 0: the authors' entropy costs suit Brax's tanh-Gaussian; this Gaussian's std is
-# state-independent and learns best without a bonus. `cpu`: what reached the highest deterministic return within a
-# few minutes on 2 CPU cores (bench/README.md); an env without a cpu entry uses its paper settings.
+# Per-env settings for the Args left at None, in two tiers (docs/implementation.md, items 2, 7 and 18): `paper`, the
+# authors' Brax settings sized for an accelerator, and `cpu`, on top of them, measured on 2 CPU cores (bench/README.md).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
 PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0)
@@ -482,8 +473,7 @@ CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it rea
                               learning_rate=1e-3, gamma=0.995, hidden_sizes=(64, 64), init_std=0.3),
 }
 # fmt: on
-PRESET_TIERS = ("auto", "cpu", "paper")
-BACKENDS = ("spring", "positional", "generalized", "mjx")
+CHOICES = dict(env=PRESETS, preset=("auto", "cpu", "paper"), backend=("spring", "positional", "generalized", "mjx"))
 
 
 def preset_for(env, tier):
@@ -493,49 +483,49 @@ def preset_for(env, tier):
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill unset fields from the env's preset tier and check every value, before anything is compiled. The
-    returned Args name the tier used: cpu or paper."""
+    """Fill the fields left at None from the env's preset tier (the returned args.preset: cpu or paper) and check
+    every value before anything is compiled; a bad one is a one-line SystemExit("error: ...")."""
 
-    def fail(message):
-        raise SystemExit(f"error: {message}")
+    def check(ok, message):
+        if not ok:
+            raise SystemExit(f"error: {message}")
 
-    if args.env not in PRESETS:
-        fail(f"unknown env {args.env!r}; choose one of: {', '.join(PRESETS)}")
-    if args.preset not in PRESET_TIERS:
-        fail(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_TIERS)}")
-    if args.preset == "cpu" and args.env not in CPU_PRESETS:
-        fail(f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)}); use --preset paper")
+    def check_choices(*names):
+        for name in names:
+            value = getattr(args, name)
+            check(value in CHOICES[name], f"unknown {name} {value!r}; choose one of: {', '.join(CHOICES[name])}")
+
+    check_choices("env", "preset")
+    no_cpu_preset = f"env {args.env!r} has no cpu preset yet (envs with one: {', '.join(CPU_PRESETS)})"
+    check(args.preset != "cpu" or args.env in CPU_PRESETS, f"{no_cpu_preset}; use --preset paper")
     on_cpu = jax.default_backend() == "cpu" and args.env in CPU_PRESETS
     tier = args.preset if args.preset != "auto" else "cpu" if on_cpu else "paper"
-    preset = preset_for(args.env, tier)
-    args = dataclasses.replace(args, preset=tier, **{k: v for k, v in preset.items() if getattr(args, k) is None})
-    if args.backend not in BACKENDS:
-        fail(f"unknown backend {args.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    preset = {k: v for k, v in preset_for(args.env, tier).items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, preset=tier, **preset)
+    check_choices("backend")
     try:
         envs.get_environment(args.env, backend=args.backend)
     except Exception as e:  # brax raises ValueError/KeyError for backends an env lacks
-        fail(f"env {args.env!r} does not support backend {args.backend!r} ({e})")
+        check(False, f"env {args.env!r} does not support backend {args.backend!r} ({e})")
     positive_floats = ("learning_rate", "reward_scaling", "init_std", "vf_clip")  # vf_clip None: off
     for name, value in dataclasses.asdict(args).items():  # every count and size, and these floats
-        if (type(value) is int and name != "seed" or name in positive_floats and value is not None) and not value > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.max_grad_norm >= 0:
-        fail(f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}")
-    if not (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+        if type(value) is int and name != "seed" or name in positive_floats and value is not None:
+            check(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
     batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        fail(f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is not divisible by "
-             f"--num-minibatches {args.num_minibatches}")  # fmt: skip
-    per_update = batch * args.action_repeat
-    if args.total_timesteps < per_update:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one update "
-             f"(num_envs·num_steps·action_repeat = {per_update})")  # fmt: skip
-    if args.num_evals > args.total_timesteps // per_update:
-        fail(f"--num-evals {args.num_evals} is more than the {args.total_timesteps // per_update} updates "
-             f"(at most one evaluation per update)")  # fmt: skip
-    if any(h <= 0 for h in args.hidden_sizes):
-        fail(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    updates = args.total_timesteps // (batch * args.action_repeat)
+    for ok, message in (
+        (args.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0 (0: off), got {args.max_grad_norm}"),
+        (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1,
+         f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}"),
+        (batch % args.num_minibatches == 0, f"num_envs·num_steps = {args.num_envs}·{args.num_steps} = {batch} is "
+                                            f"not divisible by --num-minibatches {args.num_minibatches}"),
+        (updates > 0, f"--total-timesteps {args.total_timesteps} is less than one update "
+                      f"(num_envs·num_steps·action_repeat = {batch * args.action_repeat})"),
+        (args.num_evals <= updates, f"--num-evals {args.num_evals} is more than the {updates} updates "
+                                    "(at most one evaluation per update)"),
+        (all(h > 0 for h in args.hidden_sizes), f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
+    ):  # fmt: skip
+        check(ok, message)
     return args
 
 
@@ -546,14 +536,13 @@ def compiler_options():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Saving and loading a trained policy.
+# Files: every one written atomically; a trained policy saved and loaded; a replay.
 
 
 def atomic_write(path, data: bytes):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    os.replace(f.name, path)
 
 
 def save_policy(path, args, params, obs_stats):
@@ -565,12 +554,8 @@ def save_policy(path, args, params, obs_stats):
 def make_act(args, params, obs_stats):
     """act(obs) → the deterministic action of one seed's policy: its mean, brought into [-1, 1]."""
     _, policy, _ = make_networks(args, obs_stats.mean.shape[-1], params["log_std"].shape[-1])
-
-    def act(obs):
-        mean, _ = policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))
-        return env_action(mean, args.tanh_squash)
-
-    return act
+    mean = lambda obs: policy(params, normalize_obs(obs_stats, obs, args.normalize_obs))[0]
+    return lambda obs: env_action(mean(obs), args.tanh_squash)
 
 
 def load_policy(path, seed_index=0):
@@ -607,27 +592,25 @@ def write_replay(path, args, params, obs_stats, key):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Logging: live lines, metrics.csv, W&B; and the NaN guard.
+# Logging: progress lines, metrics.csv, W&B, the NaN guard; the returns plot.
 
 
 class Logger:
     """Receives per-update metrics from inside the jitted loop (via jax.debug.callback): records every log_every
     updates, evaluation and the last update in metrics.csv, and prints a progress line at those and at least every
-    PRINT_EVERY_S seconds."""
+    PRINT_EVERY_S seconds. A NaN/inf metric sets self.error and self.diverged_at, and raises."""
 
     PRINT_EVERY_S = 10.0
 
     def __init__(self, args, out_dir, wandb_run=None):
-        self.args, self.wandb_run, self.rows, self.error, self.diverged_at = args, wandb_run, [], None, None
-        self.csv_path = os.path.join(out_dir, "metrics.csv")
-        self.start = self.last_time = self.last_steps = self.first_steps = None
-        self.steps_per_update = args.num_envs * args.num_steps * args.action_repeat
-        self.num_updates = args.total_timesteps // self.steps_per_update
+        self.args, self.wandb_run, self.csv_path = args, wandb_run, os.path.join(out_dir, "metrics.csv")
+        self.rows, self.error, self.diverged_at, self.start = [], None, None, None
+        self.num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
 
     def __call__(self, metrics):
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
-        update, env_steps = int(metrics.pop("update")), int(metrics.pop("env_steps"))
-        eval_return = metrics.pop("eval_return")
+        update, env_steps, eval_return = (metrics.pop(k) for k in ("update", "env_steps", "eval_return"))
+        update, env_steps = int(update), int(env_steps)
         if metrics.pop("evaluated"):  # else eval_return is the previous evaluation's
             metrics["eval_return"] = eval_return
         bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
@@ -644,10 +627,9 @@ class Logger:
         elapsed = now - self.start
         mean = {k: float(v.mean()) for k, v in metrics.items()}
         if record:
-            for i in range(self.args.num_seeds):
-                row = dict(seed=self.args.seed + i, update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2),
-                           eval_return=None)  # fmt: skip
-                self.rows.append({**row, **{k: float(v[i]) for k, v in metrics.items()}})
+            row = dict(update=update, env_steps=env_steps, elapsed_s=round(elapsed, 2), eval_return=None)
+            self.rows += [{"seed": self.args.seed + i, **row, **{k: float(v[i]) for k, v in metrics.items()}}
+                          for i in range(self.args.num_seeds)]  # fmt: skip
             text = io.StringIO()  # rewritten whole, atomically: cheap, and never half a row
             writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
             writer.writeheader()
@@ -686,14 +668,14 @@ def main(argv=None):
     args = resolve_args(tyro.cli(Args, description=__doc__, args=argv))
     run_name = f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = args.out_dir or os.path.join("runs", run_name)
+    out = lambda name: os.path.join(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     config = dataclasses.asdict(args)
-    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
+    atomic_write(out("config.json"), json.dumps(config, indent=2).encode())
     tier = {**dataclasses.asdict(Args()), **preset_for(args.env, args.preset), "env": args.env, "preset": args.preset}
     changed = ", ".join(f"{k}={v}" for k, v in config.items() if v != tier[k] and k != "out_dir")
     print(f"{ALGO} on {args.env}, {args.preset} preset{' with ' + changed if changed else ''} → {out_dir}\n  "
           + ", ".join(f"{k}={config[k]}" for k in (*PRESET_FIELDS, "hidden_sizes")), flush=True)  # fmt: skip
-
     wandb_run = None
     if args.track:
         import wandb
@@ -710,40 +692,38 @@ def main(argv=None):
     compile_s = time.perf_counter() - start
     print(f"compiled in {compile_s:.1f} s", flush=True)
     start = time.perf_counter()
+    summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=False)
     try:
         runners, eval_returns = jax.block_until_ready(compiled(keys))
     except Exception:
-        if logger.error:  # keep what was reached: the last evaluation before the NaN, marked diverged
-            evals = [r for r in logger.rows if r["eval_return"] is not None]
-            per_seed = [r["eval_return"] for r in evals[-args.num_seeds :]]
-            summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=True,
-                           error=logger.error, diverged_at_update=logger.diverged_at["update"],
-                           diverged_at_env_steps=logger.diverged_at["env_steps"],
-                           env_steps=evals[-1]["env_steps"] if evals else 0, eval_return_per_seed=per_seed,
-                           eval_return_mean=float(np.mean(per_seed)) if evals else None,
-                           compile_s=round(compile_s, 2), run_s=round(time.perf_counter() - start, 2))  # fmt: skip
-            atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-            raise SystemExit(f"error: {logger.error}") from None
-        raise
+        if not logger.error:
+            raise
+        # keep what was reached: the last evaluation before the NaN, marked diverged
+        evals = [r for r in logger.rows if r["eval_return"] is not None]
+        per_seed = [r["eval_return"] for r in evals[-args.num_seeds :]]
+        summary.update(diverged=True, error=logger.error, diverged_at_update=logger.diverged_at["update"],
+                       diverged_at_env_steps=logger.diverged_at["env_steps"],
+                       env_steps=evals[-1]["env_steps"] if evals else 0, eval_return_per_seed=per_seed,
+                       eval_return_mean=float(np.mean(per_seed)) if evals else None,
+                       compile_s=round(compile_s, 2), run_s=round(time.perf_counter() - start, 2))  # fmt: skip
+        atomic_write(out("summary.json"), json.dumps(summary, indent=2).encode())
+        raise SystemExit(f"error: {logger.error}") from None
     run_s = time.perf_counter() - start
     eval_per_seed = np.asarray(eval_returns).mean(axis=1)
     if not np.all(np.isfinite(eval_per_seed)):
         raise SystemExit(f"error: final evaluation returned NaN/inf: {eval_per_seed.tolist()}")
-
     env_steps = logger.rows[-1]["env_steps"]  # the logger always records the last update
-    last = [r for r in logger.rows if r["env_steps"] == env_steps]
-    summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=False,
-                   env_steps=env_steps, eval_return_mean=float(eval_per_seed.mean()),
+    summary.update(env_steps=env_steps, eval_return_mean=float(eval_per_seed.mean()),
                    eval_return_std=float(eval_per_seed.std()), eval_return_per_seed=eval_per_seed.tolist(),
-                   train_return_mean=float(np.mean([r["train_return"] for r in last])),
+                   train_return_mean=float(np.mean([r["train_return"] for r in logger.rows[-args.num_seeds :]])),
                    compile_s=round(compile_s, 2), run_s=round(run_s, 2),
                    sps=round(env_steps * args.num_seeds / run_s, 1))  # fmt: skip
-    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    plot_returns(os.path.join(out_dir, "returns.png"), logger.rows, f"{ALGO} on {args.env}")
+    atomic_write(out("summary.json"), json.dumps(summary, indent=2).encode())
+    plot_returns(out("returns.png"), logger.rows, f"{ALGO} on {args.env}")
     if args.save_model:
-        save_policy(os.path.join(out_dir, "params.msgpack"), args, runners.params, runners.obs_stats)
+        save_policy(out("params.msgpack"), args, runners.params, runners.obs_stats)
     if args.render:
-        write_replay(os.path.join(out_dir, "replay.html"), args, runners.params, runners.obs_stats, keys[0])
+        write_replay(out("replay.html"), args, runners.params, runners.obs_stats, keys[0])
     if wandb_run is not None:
         wandb_run.summary.update(summary)
         wandb_run.finish()
