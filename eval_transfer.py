@@ -117,8 +117,9 @@ def resolve_cells(args):
     for env in envs_:  # the comparison's premise: within a row only the drift differs
         row = {algo: {k: getattr(cells[env, algo], k) for k in SETTINGS} for algo in algos}
         differ = sorted(k for k in SETTINGS if len({repr(s[k]) for s in row.values()}) > 1)
-        if differ:
-            raise AssertionError(f"{env}: the algorithms' cells would train with different {', '.join(differ)}")
+        if differ:  # a preset that sets a field per algorithm: the comparison needs one value, given by the user
+            flags = " ".join(f"--{k.replace('_', '-')}" for k in differ)
+            raise SystemExit(f"error: {env}: the algorithms' presets differ in {', '.join(differ)}; give {flags} here")
     return cells, drift
 
 

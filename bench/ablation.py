@@ -28,16 +28,16 @@ COMMON = {
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
              "--gamma 0.99 --max-grad-norm 0.5 --learning-rate 3e-4 --reward-scaling 1")  # fmt: skip
-# The authors' single-file PPO differs from ours as it was in three details that have flags: Gaussian samples
-# clipped to [-1, 1] (now the default), rewards normalised by the running std of the discounted return (here per
-# step and clipped to ±10; off by default) and value clipping (off by default). Orthogonal init is not ablated:
-# jax.nn.initializers.orthogonal's QR, vmapped over seeds inside the training jit, hangs XLA:CPU. Each arm states
-# all three, so that it means the same whatever the defaults are.
+# The authors' single-file PPO differs from ours as it was in four details: Gaussian samples clipped to [-1, 1]
+# (now the default), rewards normalised by the running std of the discounted return (here per step and clipped to
+# ±10; off by default), value clipping (off by default) and orthogonal init (the default since the arms marked
+# "orthogonal init"; the earlier arms ran with a variance-scaled init of the same scale). Each arm states the
+# flags, so that it means the same whatever the defaults are.
 BEFORE = "--no-normalize-rewards --tanh-squash"  # the scripts' defaults before this ablation
 ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
     "ppo before": ("ppo.py", BEFORE),
     "ppo + reward norm": ("ppo.py", "--normalize-rewards --tanh-squash"),
-    "ppo + clipped actions (default)": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
+    "ppo + clipped actions": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
     "ppo + value clip": ("ppo.py", f"{BEFORE} --vf-clip 0.2"),
     "ppo + reward norm + clipped actions": ("ppo.py", "--normalize-rewards --no-tanh-squash"),
     "ppo + reward norm + clipped actions + value clip": (
@@ -45,8 +45,12 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
         "--normalize-rewards --no-tanh-squash --vf-clip 0.2",
     ),
     "ppo + clipped actions + orthogonal init (default)": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
+    "ppo + clipped actions + orthogonal init, positional": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --backend positional",
+    ),
     "dpo before": ("dpo.py", BEFORE),
-    "dpo + clipped actions (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
+    "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (

@@ -143,3 +143,26 @@ def test_a_run_that_goes_nan_stops_and_names_the_update(tmp_path):
     rows = list(csv.DictReader(open(metrics))) if metrics.exists() else []
     assert all(int(r["update"]) < summary["diverged_at_update"] for r in rows)
     assert summary["eval_return_per_seed"] == [float(r["eval_return"]) for r in rows if r["eval_return"]][-2:]
+
+
+def test_on_a_terminal_progress_is_a_bar_and_metrics_csv_is_unchanged(tmp_path, monkeypatch):
+    args = ppo.resolve_args(ppo.Args(env="inverted_pendulum", total_timesteps=4096, num_envs=32, num_steps=16,
+                                     num_seeds=2, log_every=2))  # fmt: skip
+    rows = {}
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+        logger, printed = ppo.Logger(args, str(tmp_path)), io.StringIO()
+        assert (logger.bar is not None) == tty
+        with contextlib.redirect_stdout(printed):
+            for update in range(1, logger.num_updates + 1):
+                metrics = dict(update=update, env_steps=update * 512, evaluated=update == 8, eval_return=np.ones(2),
+                               train_return=np.full(2, update), loss=np.zeros(2), approx_kl=np.zeros(2))  # fmt: skip
+                logger(metrics)
+            logger.close()
+        rows[tty] = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in logger.rows]
+        if tty:  # the bar reached the last step and no progress line was printed
+            assert logger.bar.tasks[0].completed == logger.bar.tasks[0].total == 4096
+            assert "update" not in printed.getvalue()
+        else:
+            assert printed.getvalue().startswith("update     1/8")
+    assert rows[True] == rows[False] and len(rows[True]) == 2 * 4  # every 2nd update, for 2 seeds

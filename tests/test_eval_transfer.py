@@ -3,6 +3,7 @@ keeps a row's settings equal, and loads a drift written by lpo_meta.py."""
 
 import ast
 import csv
+import dataclasses
 import json
 import os
 
@@ -140,8 +141,14 @@ def test_a_rows_cells_differ_only_in_their_drift(tmp_path, monkeypatch):
     # a script whose presets drifted apart from the others' would break the comparison: caught before training
     fast = dpo.PRESETS["fast"]
     monkeypatch.setitem(dpo.PRESETS, "fast", (*fast[:2], 96, *fast[3:]))  # num_steps
-    with pytest.raises(AssertionError, match="fast: .* num_steps"):
+    with pytest.raises(SystemExit, match="fast: .* num_steps; give --num-steps"):
         eval_transfer.resolve_cells(args)
+    # inverted_pendulum's cpu tier gives ppo.py an entropy bonus and a budget of its own: the row needs one value each
+    pendulum = eval_transfer.Args(envs=["inverted_pendulum"], algos=["ppo", "dpo"], preset="cpu")
+    with pytest.raises(SystemExit, match="differ in ent_coef, total_timesteps; give --ent-coef --total-timesteps"):
+        eval_transfer.resolve_cells(pendulum)
+    cells, _ = eval_transfer.resolve_cells(dataclasses.replace(pendulum, ent_coef=0.0, total_timesteps=10**6))
+    assert cells["inverted_pendulum", "ppo"].ent_coef == cells["inverted_pendulum", "dpo"].ent_coef == 0.0
 
 
 def test_the_harness_holds_no_algorithm_of_its_own():

@@ -14,13 +14,13 @@ import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# inverted_pendulum's cpu preset through the command line a user types, plus three switches a preset cannot set
-# (booleans): rewards normalised, observations not, the learning rate annealed to zero. The maximum return, 1000,
-# is the pole up for the whole episode. Each bound sits well below the worst of 8 seeds measured on one CPU
-# (bench/README.md, the inverted_pendulum table), leaving room for another CPU's numerics.
-LEARN = ["--env", "inverted_pendulum", "--preset", "cpu", "--normalize-rewards", "--no-normalize-obs", "--anneal-lr",
-         "--num-seeds", "4", "--num-eval-envs", "32"]  # fmt: skip
-MIN_RETURN = {"ppo.py": 800.0, "dpo.py": 740.0}
+# inverted_pendulum's cpu preset through the command line a user types, plus two switches a preset cannot set
+# (booleans): rewards normalised and the learning rate annealed to zero. 1000 is the pole up for the whole episode,
+# and every seed of both scripts must get within 5% of it: the learner, not the bound, absorbs the seed-to-seed and
+# CPU-to-CPU differences (8 seeds of each measured: bench/README.md, the inverted_pendulum table).
+LEARN = ["--env", "inverted_pendulum", "--preset", "cpu", "--normalize-rewards", "--anneal-lr", "--num-seeds", "4",
+         "--num-eval-envs", "32"]  # fmt: skip
+MIN_RETURN = 950.0
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_learns_inverted_pendulum(script, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     per_seed = json.loads((tmp_path / "summary.json").read_text())["eval_return_per_seed"]
     print(f"{script}: eval return per seed {per_seed}")
-    assert min(per_seed) >= MIN_RETURN[script]
+    assert min(per_seed) >= MIN_RETURN
 
 
 def test_save_load_gives_identical_actions(tmp_path):
