@@ -653,7 +653,7 @@ class Logger:
         if self.start is None:  # the clock starts at the end of update 1, so the first line has a rate too
             self.start, self.last_time, self.last_steps, self.first_steps = now, now, env_steps, env_steps
         record = update % self.args.log_every == 0 or "eval_return" in metrics or update == self.num_updates
-        if not (record or update == 1 or now - self.last_time >= (1.0 if self.bar else self.PRINT_EVERY_S)):
+        if not (record or update == 1 or now - self.last_time >= (1.0 if self.bar is not None else self.PRINT_EVERY_S)):
             return
         elapsed = now - self.start
         mean = {k: float(v.mean()) for k, v in metrics.items()}

@@ -45,6 +45,7 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
         "--normalize-rewards --no-tanh-squash --vf-clip 0.2",
     ),
     "ppo + clipped actions + orthogonal init (default)": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
+    # the arm's --backend comes after COMMON's on the command line, and the last one given wins
     "ppo + clipped actions + orthogonal init, positional": (
         "ppo.py",
         "--no-normalize-rewards --no-tanh-squash --backend positional",
