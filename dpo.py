@@ -478,9 +478,19 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
     "swimmer":                  (50_000_000,  2048, 80,  32, 8, 3e-4, 0.995, 1.0,  1, "generalized"),
     "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
 }
+# The cpu tier's base: PureJaxRL's Brax settings (2048 envs × 10 steps, 32 minibatches × 4 epochs, γ 0.99, gradient
+# clip 0.5, reward scale 1), the best tried on ant; each env's steps: how far it got in bench/sweep.py's budget.
+PUREJAXRL = dict(num_envs=2048, num_steps=10, num_minibatches=32, update_epochs=4, gamma=0.99, max_grad_norm=0.5,
+                 reward_scaling=1.0)
 CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it reached: bench/README.md
-    "ant": dict(total_timesteps=3_686_400, num_envs=2048, num_steps=10, num_minibatches=32, update_epochs=4,
-                gamma=0.99, max_grad_norm=0.5),
+    "ant": dict(PUREJAXRL, total_timesteps=3_686_400),
+    "hopper": dict(PUREJAXRL, total_timesteps=6_492_160),
+    "walker2d": dict(PUREJAXRL, total_timesteps=5_242_880),
+    "halfcheetah": dict(PUREJAXRL, total_timesteps=2_007_040),
+    "inverted_double_pendulum": dict(PUREJAXRL, total_timesteps=3_993_600),
+    "reacher": dict(PUREJAXRL, total_timesteps=11_960_320),
+    "pusher": dict(PUREJAXRL, total_timesteps=512_000),
+    "humanoid": dict(PUREJAXRL, total_timesteps=4_505_600),
     "inverted_pendulum": dict(total_timesteps=4_000_000, num_envs=128, num_steps=32, num_minibatches=4,
                               learning_rate=1e-3, gamma=0.995, hidden_sizes=(64, 64), init_std=0.3),
 }

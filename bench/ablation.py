@@ -34,7 +34,7 @@ PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epoch
 # "orthogonal init"; the earlier arms ran with a variance-scaled init of the same scale). Each arm states the
 # flags, so that it means the same whatever the defaults are.
 BEFORE = "--no-normalize-rewards --tanh-squash"  # the scripts' defaults before this ablation
-ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
+ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
     "ppo before": ("ppo.py", BEFORE),
     "ppo + reward norm": ("ppo.py", "--normalize-rewards --tanh-squash"),
     "ppo + clipped actions": ("ppo.py", "--no-normalize-rewards --no-tanh-squash"),
@@ -50,9 +50,13 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL)
         "ppo.py",
         "--no-normalize-rewards --no-tanh-squash --backend positional",
     ),
+    # the defaults on four more seeds: is the gap to the authors' PPO seed noise? (a third item: its seed count)
+    "ppo default, seeds 2-5": ("ppo.py", "--no-normalize-rewards --no-tanh-squash --seed 2", 4),
+    "ppo default, no gradient clip": ("ppo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
+    "dpo default, no gradient clip": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",
@@ -75,7 +79,8 @@ def run_arm(env, arm, seeds, num_evals):
     out = arm_dir(env, arm)
     if os.path.exists(os.path.join(out, "summary.json")):
         return
-    script, flags = ARMS[arm]
+    script, flags, *own_seeds = ARMS[arm]
+    seeds = own_seeds[0] if own_seeds else seeds
     cmd = [sys.executable, os.path.join(ROOT, script), *COMMON[env].split(), *PUREJAXRL.split(), *flags.split(),
            "--num-seeds", str(seeds), "--num-evals", str(num_evals), "--out-dir", out]  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] {arm}: {' '.join(cmd[1:])}", flush=True)

@@ -1,0 +1,203 @@
+"""Search the `cpu` preset tier of one env: which settings reach the highest deterministic evaluation within a
+wall-clock budget on this machine, for ppo.py and dpo.py alike. Three stages, each resumable (a finished run is
+not run again), all runs under runs/sweep/{env}/:
+
+1. screen: every candidate below, one seed per script. A run is stopped once `--budget-s` of wall time has passed
+   (compile included); it is evaluated every ~1/10 of the budget, and its score is the last evaluation within the
+   budget. Candidates change the base (PureJaxRL's settings, the ant tier) one group of settings at a time.
+2. final: the `--finalists` best candidates by the mean of both scripts' scores, 3 seeds each, trained to the
+   steps the slower script reached within the budget.
+3. check: the finalists at twice those steps, 3 seeds: a setting that diverges there is out.
+
+Runs must be alone on the machine: the score depends on wall time. Returns do not depend on load; times do.
+
+    nohup python bench/sweep.py --env hopper > sweep_hopper.log 2>&1 &   # all stages, resumes
+    python bench/sweep.py --env hopper --stage screen --table-only        # what is done so far
+    python bench/sweep.py --env hopper --candidates base positional       # only these candidates
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 --gamma 0.99 "
+        "--max-grad-norm 0.5 --learning-rate 3e-4 --reward-scaling 1 --init-std 1.0 --backend spring")  # fmt: skip
+# name: flags on top of BASE (the last of a repeated flag wins). One group of related settings at a time; a
+# combination of two good ones is a candidate of its own, added by name below once both have been screened.
+CANDIDATES = {
+    "base": "",
+    "small batch": "--num-envs 512 --num-steps 16 --num-minibatches 8 --update-epochs 4",
+    "64-64": "--hidden-sizes 64 64",
+    "128-128": "--hidden-sizes 128 128",
+    "lr 1e-3": "--learning-rate 1e-3",  # no annealing here: a screen run stops before its planned end
+    "gamma 0.97": "--gamma 0.97",
+    "gamma 0.995": "--gamma 0.995",
+    "std 0.5": "--init-std 0.5",
+    "no grad clip": "--max-grad-norm 0",
+    "reward scale 0.1": "--reward-scaling 0.1",
+    "8 epochs": "--update-epochs 8",
+    "positional": "--backend positional",
+    "generalized": "--backend generalized",
+}
+ENVS = dict(  # wall-clock budget per run (s), settings the env needs
+    ant=(300, ""),
+    hopper=(300, ""),
+    walker2d=(300, ""),
+    halfcheetah=(300, ""),
+    humanoid=(600, ""),
+    inverted_double_pendulum=(300, ""),
+    reacher=(300, "--action-repeat 4"),
+    pusher=(300, ""),
+)
+# Screen runs plan more steps than any reaches in its budget, with an evaluation every 250k steps (the evaluations'
+# time counts against the budget, alike for every candidate).
+SCREEN_STEPS, SCREEN_EVALS = 12_000_000, 48
+SCRIPTS = ("ppo.py", "dpo.py")
+
+
+def cpu_model():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
+
+
+def run_dir(env, stage, candidate, script):
+    return os.path.join(ROOT, "runs", "sweep", env, stage, candidate.replace(" ", "_"), script.removesuffix(".py"))
+
+
+def command(env, candidate, script, steps, seeds, out):
+    extra = ENVS[env][1]
+    return [sys.executable, os.path.join(ROOT, script), "--env", env, "--preset", "paper", *BASE.split(),
+            *extra.split(), *CANDIDATES[candidate].split(), "--total-timesteps", str(steps), "--num-seeds", str(seeds),
+            "--num-evals", str(SCREEN_EVALS if steps == SCREEN_STEPS else 8), "--out-dir", out]  # fmt: skip
+
+
+def run(env, stage, candidate, script, steps, seeds, budget_s=None):
+    """One run of the script; with budget_s it is stopped after that wall time (metrics.csv keeps its evaluations).
+    done.json marks it finished."""
+    out = run_dir(env, stage, candidate, script)
+    if os.path.exists(os.path.join(out, "done.json")):
+        return
+    cmd = command(env, candidate, script, steps, seeds, out)
+    print(f"[{time.strftime('%H:%M:%S')}] {stage} {candidate} {script}: {' '.join(cmd[2:])}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(out, "stdout.txt"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=budget_s + 10 if budget_s else None)  # + the interpreter's start-up
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    done = dict(wall_s=round(time.time() - start, 1), stopped_at_budget=proc.returncode < 0, cpu=cpu_model())
+    with open(os.path.join(out, "done.json"), "w") as f:
+        json.dump(done, f)
+    with open(os.path.join(out, "stdout.txt")) as f:
+        tail = f.read().strip().splitlines()[-1:]
+    print(f"[{time.strftime('%H:%M:%S')}] {stage} {candidate} {script}: {tail[0] if tail else ''}", flush=True)
+
+
+def read(env, stage, candidate, script, budget_s):
+    """The run's score: the mean over seeds of its last evaluation within budget_s (compile included; all of them
+    when budget_s is None), with the steps it came at, the per-seed values and whether it diverged; None if not
+    run."""
+    out = run_dir(env, stage, candidate, script)
+    if not os.path.exists(os.path.join(out, "done.json")):
+        return None
+    with open(os.path.join(out, "stdout.txt")) as f:
+        compiled = [line for line in f if line.startswith("compiled in ")]
+    compile_s = float(compiled[0].split()[2]) if compiled else 0.0
+    evals, diverged = {}, os.path.exists(os.path.join(out, "summary.json"))
+    if diverged:
+        with open(os.path.join(out, "summary.json")) as f:
+            diverged = json.load(f).get("diverged", False)
+    with (
+        open(os.path.join(out, "metrics.csv"))
+        if os.path.exists(os.path.join(out, "metrics.csv"))
+        else io.StringIO() as f
+    ):
+        for row in csv.DictReader(f):
+            if row["eval_return"]:
+                t = float(row["elapsed_s"]) + compile_s
+                evals.setdefault((int(row["env_steps"]), t), []).append(float(row["eval_return"]))
+    within = [(steps, v) for (steps, t), v in sorted(evals.items()) if budget_s is None or t <= budget_s]
+    steps, per_seed = within[-1] if within else (0, [0.0])
+    return dict(score=sum(per_seed) / len(per_seed), steps=steps, per_seed=per_seed, diverged=diverged)
+
+
+def ranked(env, candidates, budget_s):
+    """Screened candidates, best first by the mean of both scripts' scores."""
+    scores = {}
+    for c in candidates:
+        runs = [read(env, "screen", c, s, budget_s) for s in SCRIPTS]
+        if all(r is not None for r in runs):
+            scores[c] = sum(r["score"] for r in runs) / len(runs)
+    return sorted(scores, key=scores.get, reverse=True)
+
+
+def table(env, stage, candidates, budget_s):
+    budget = budget_s if stage == "screen" else None
+    head = "score (last eval within budget)" if budget else "final eval per seed"
+    lines = [
+        f"| candidate | flags | ppo.py {head} | dpo.py {head} | ppo / dpo steps | mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in candidates:
+        runs = [read(env, stage, c, s, budget) for s in SCRIPTS]
+        if any(r is None for r in runs):
+            continue
+
+        def cell(r):
+            if r["diverged"]:
+                return "diverged"
+            return f"{r['score']:,.0f}" if budget else " / ".join(f"{x:,.0f}" for x in r["per_seed"])
+
+        steps = " / ".join(f"{r['steps'] / 1e6:.2f}M" for r in runs)
+        mean = sum(r["score"] for r in runs) / len(runs)
+        lines.append(f"| {c} | `{CANDIDATES[c]}` | {cell(runs[0])} | {cell(runs[1])} | {steps} | {mean:,.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", required=True, choices=sorted(ENVS))
+    parser.add_argument("--stage", choices=("screen", "final", "check", "all"), default="all")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="candidate names, as above")
+    parser.add_argument("--finalists", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, help="wall-clock budget per run (default: the env's, above)")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    unknown = [c for c in args.candidates if c not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"error: unknown candidate(s) {unknown}; choose from: {', '.join(CANDIDATES)}")
+    budget_s = args.budget_s or ENVS[args.env][0]
+    stages = ("screen", "final", "check") if args.stage == "all" else (args.stage,)
+    report = {}
+    for stage in stages:
+        candidates = args.candidates if stage == "screen" else ranked(args.env, args.candidates, budget_s)
+        candidates = candidates if stage == "screen" else candidates[: args.finalists]
+        for c in candidates if not args.table_only else ():
+            for script in SCRIPTS:
+                if stage == "screen":
+                    run(args.env, stage, c, script, SCREEN_STEPS, 1, budget_s)
+                else:  # the steps both scripts reached within the budget (2× for the check), 3 seeds
+                    reached = min(read(args.env, "screen", c, s, budget_s)["steps"] for s in SCRIPTS)
+                    run(args.env, stage, c, script, reached * (2 if stage == "check" else 1), 3)
+        report[stage] = table(args.env, stage, candidates, budget_s)
+        print(f"\n### {args.env}, {stage}\n\n{report[stage]}\n", flush=True)
+    out = os.path.join(ROOT, "bench", f"sweep_{args.env}.json")
+    blob = dict(env=args.env, budget_s=budget_s, cpu=cpu_model(), nproc=os.cpu_count(),
+                python=platform.python_version(), base=BASE, tables=report)  # fmt: skip
+    with open(out + ".tmp", "w") as f:
+        json.dump(blob, f, indent=1)
+    os.replace(out + ".tmp", out)
+
+
+if __name__ == "__main__":
+    main()
