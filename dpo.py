@@ -75,7 +75,9 @@ class Args:
     vf_coef: float = 0.5
     """Value loss coefficient (the value loss is 0.5·MSE)."""
     max_grad_norm: float | None = None
-    """Global gradient norm clip (0: off, as in the authors' Brax settings)."""
+    """Gradient norm clip (0: off, as in the authors' Brax settings)."""
+    clip_per_network: bool = True
+    """Clip the policy's and the value network's gradient norms apart (off: one norm over both, as PureJaxRL)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: bool = False
@@ -300,6 +302,19 @@ def shuffled_indices(key, n):
     return (jnp.sort(keys) & (2**index_bits - 1)).astype(jnp.int32)
 
 
+def gradient_clip(args):
+    """Clips the gradient's norm to max_grad_norm (0: no clip), the policy's and the value network's apart with
+    clip_per_network: else the value loss's large gradient would shrink the policy's step as well."""
+    if args.max_grad_norm <= 0:
+        return optax.identity()
+    clip = optax.clip_by_global_norm(args.max_grad_norm)
+    if not args.clip_per_network:
+        return clip
+    return optax.multi_transform(
+        {"policy": clip, "value": clip}, dict(actor="policy", log_std="policy", critic="value")
+    )
+
+
 class Transition(NamedTuple):
     obs: jax.Array  # normalised with the statistics the rollout acted on
     action: jax.Array  # the Gaussian sample, before the tanh squash or the clip
@@ -336,9 +351,7 @@ def make_train(args, log_fn=None):
     num_updates = args.total_timesteps // (batch_size * args.action_repeat)
     num_grad_steps = num_updates * args.update_epochs * args.num_minibatches
     lr = optax.linear_schedule(args.learning_rate, 0.0, num_grad_steps) if args.anneal_lr else args.learning_rate
-    optimizer = optax.adam(lr, eps=1e-5)
-    if args.max_grad_norm > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
+    optimizer = optax.chain(gradient_clip(args), optax.adam(lr, eps=1e-5))
 
     def init_runner(key):
         key, params_key, env_key = jax.random.split(key, 3)

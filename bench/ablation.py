@@ -20,14 +20,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # PureJaxRL's Brax settings (2048 envs × 10 steps, 32 minibatches × 4 epochs, 256-256, γ 0.99, grad clip 0.5), at
-# a CPU-sized budget per env. Every flag not named here is the script's default.
+# a CPU-sized budget per env; like PureJaxRL, one gradient norm over both networks unless an arm says otherwise.
+# Every flag not named here is the script's default.
 COMMON = {
     "ant": "--env ant --total-timesteps 3686400 --backend spring",
     "hopper": "--env hopper --total-timesteps 3686400 --backend spring",
     "inverted_pendulum": "--env inverted_pendulum --total-timesteps 1024000 --backend spring",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
-             "--gamma 0.99 --max-grad-norm 0.5 --learning-rate 3e-4 --reward-scaling 1")  # fmt: skip
+             "--gamma 0.99 --max-grad-norm 0.5 --no-clip-per-network --learning-rate 3e-4 "
+             "--reward-scaling 1")  # fmt: skip
 # The authors' single-file PPO differs from ours as it was in four details: Gaussian samples clipped to [-1, 1]
 # (now the default), rewards normalised by the running std of the discounted return (here per step and clipped to
 # ±10; off by default), value clipping (off by default) and orthogonal init (the default since the arms marked
@@ -53,10 +55,18 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
     # the defaults on four more seeds: is the gap to the authors' PPO seed noise? (a third item: its seed count)
     "ppo default, seeds 2-5": ("ppo.py", "--no-normalize-rewards --no-tanh-squash --seed 2", 4),
     "ppo default, no gradient clip": ("ppo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
+    # the gradient clip on each network apart instead of PureJaxRL's one norm over both (the default since 12-05)
+    "ppo, clip per network (default now)": ("ppo.py", "--no-normalize-rewards --no-tanh-squash --clip-per-network"),
+    "ppo, clip per network, seeds 2-5": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --seed 2",
+        4,
+    ),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo default, no gradient clip": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
+    "dpo, clip per network (default now)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --clip-per-network"),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",

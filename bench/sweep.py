@@ -41,6 +41,7 @@ CANDIDATES = {
     "gamma 0.995": "--gamma 0.995",
     "std 0.5": "--init-std 0.5",
     "no grad clip": "--max-grad-norm 0",
+    "one clip norm": "--no-clip-per-network",  # PureJaxRL's clip: base before 12-05 (bench/README.md)
     "reward scale 0.1": "--reward-scaling 0.1",
     "8 epochs": "--update-epochs 8",
     "positional": "--backend positional",

@@ -34,6 +34,26 @@ def test_learns_inverted_pendulum(script, tmp_path):
     assert min(per_seed) >= MIN_RETURN
 
 
+@pytest.mark.parametrize("per_network", [True, False])
+def test_gradient_clip_bounds_each_network_or_both_together(per_network):
+    # a policy gradient of norm 0.3 beside a value gradient of norm 40, as a large value loss gives
+    grads = {"actor": {"w": np.full((4, 4), 0.05), "b": np.full(4, 0.05)}, "log_std": np.full(2, 0.1),
+             "critic": {"w": np.full((4, 1), 20.0)}}  # fmt: skip
+    grads = jax.tree.map(np.float32, grads)
+    clip = ppo.gradient_clip(ppo.Args(max_grad_norm=0.5, clip_per_network=per_network))
+    clipped, _ = clip.update(grads, clip.init(grads))
+    norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
+    policy = lambda tree: {k: v for k, v in tree.items() if k != "critic"}
+    if per_network:  # the policy's gradient is under the bound and stays as it is; the value gradient is cut to it
+        jax.tree.map(np.testing.assert_allclose, policy(clipped), policy(grads))
+        np.testing.assert_allclose(norm(clipped["critic"]), 0.5, rtol=1e-6)
+    else:  # one factor for all, set by the value gradient
+        factor = 0.5 / norm(grads)
+        jax.tree.map(lambda c, g: np.testing.assert_allclose(c, g * factor, rtol=1e-6), clipped, grads)
+    off = ppo.gradient_clip(ppo.Args(max_grad_norm=0.0, clip_per_network=per_network))
+    jax.tree.map(np.testing.assert_array_equal, off.update(grads, off.init(grads))[0], grads)
+
+
 def test_save_load_gives_identical_actions(tmp_path):
     args = ppo.resolve_args(ppo.Args(env="inverted_pendulum", hidden_sizes=(16, 16), num_envs=32, num_steps=16))
     init, policy, _ = ppo.make_networks(args, 4, 1)  # inverted_pendulum: 4 observations, 1 action
