@@ -13,10 +13,12 @@ every env listed, so the envs it never saw measure transfer.
 Each cell is saved to {results-dir}/cells/ as soon as it finishes, and re-running the same command skips
 finished cells, so an interrupted evaluation resumes. Outputs in --results-dir: results.csv and
 results.json (env, algo, seed, eval_return), results.md (mean final return per cell with a 95% bootstrap
-interval and the ratio to PPO), curves.png (training return per env and algo) and drifts.png
-(∂(r·Â − D)/∂r over (r, Â) for PPO, DPO and the LPO drift).
+interval and the ratio to PPO, wall times, the CPU model), curves.png (per env and algo the deterministic
+evaluations if --num-evals ≥ 2, else the training return) and drifts.png (∂(r·Â − D)/∂r over (r, Â) for PPO,
+DPO and the LPO drift).
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 import warnings
 
@@ -145,15 +148,26 @@ def read_cell(path):
 
 
 class CellLogger(ppo.Logger):
-    """ppo.py's Logger (live lines, metrics.csv, NaN guard) that also keeps every update's training return."""
+    """ppo.py's Logger (live lines, metrics.csv, NaN guard) that also keeps every update's training return and
+    every evaluation's return, per seed."""
 
     def __init__(self, args, csv_path):
         super().__init__(args, os.path.dirname(csv_path))
-        self.csv_path, self.curve = csv_path, []
+        self.csv_path, self.curve, self.evals = csv_path, [], []
 
     def __call__(self, metrics):
-        self.curve.append((int(metrics["env_steps"]), np.asarray(metrics["train_return"]).tolist()))
+        steps = int(metrics["env_steps"])
+        self.curve.append((steps, np.asarray(metrics["train_return"]).tolist()))
+        if metrics["evaluated"]:
+            self.evals.append((steps, np.asarray(metrics["eval_return"]).tolist()))
         super().__call__(metrics)
+
+
+def cpu_model():
+    """The processor's model name (XLA's CPU kernels, and so a run's exact numbers, differ between models)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    return platform.processor() or platform.machine()
 
 
 def run_cell(args, algo, cell, path, drift_params=None):
@@ -180,7 +194,7 @@ def run_cell(args, algo, cell, path, drift_params=None):
     if not np.all(np.isfinite(eval_per_seed)):
         raise SystemExit(f"error: {name}: final evaluation returned NaN/inf: {eval_per_seed.tolist()}")
     per_update = cell.num_envs * cell.num_steps * cell.action_repeat
-    curve = sorted(logger.curve)
+    curve, evals = sorted(logger.curve), sorted(logger.evals)
     config = cell_config(args, algo, cell)
     result = dict(
         env=cell.env,
@@ -192,7 +206,13 @@ def run_cell(args, algo, cell, path, drift_params=None):
         env_steps=cell.total_timesteps // per_update * per_update,
         compile_s=round(compile_s, 2),
         run_s=round(run_s, 2),
-        curve=dict(env_steps=[s for s, _ in curve], train_return=[r for _, r in curve]),
+        curve=dict(
+            env_steps=[s for s, _ in curve],
+            train_return=[r for _, r in curve],
+            eval_env_steps=[s for s, _ in evals],
+            eval_return=[r for _, r in evals],
+        ),
+        machine=f"{cpu_model()}, {jax.device_count()} {jax.default_backend()} device(s)",
         config=config,
     )
     ppo.atomic_write(path, json.dumps(result, indent=1).encode())
@@ -269,6 +289,11 @@ def write_tables(args, envs_, algos, results, drift_config):
     for env in envs_:
         times = [f"{results[env, a]['compile_s']:.0f} + {results[env, a]['run_s']:.0f}" for a in algos]
         lines.append(f"| {env} | " + " | ".join(times) + " |")
+    machines = sorted({r.get("machine", "not recorded") for r in results.values()})
+    lines += [
+        "",
+        "Machine: " + "; ".join(machines) + (" (cells ran on different machines)" if len(machines) > 1 else ""),
+    ]
     ppo.atomic_write(os.path.join(args.results_dir, "results.md"), ("\n".join(lines) + "\n").encode())
 
 
@@ -277,13 +302,17 @@ def plot_curves(path, envs_, algos, results):
     nrows = math.ceil(len(envs_) / ncols)
     fig = Figure(figsize=(5 * ncols, 3.6 * nrows), layout="tight")
     axes = fig.subplots(nrows, ncols, squeeze=False)
+    # the deterministic evaluations when there are several: training episodes that last 1,000 steps report late
+    evaluated = all(len(results[env, algo]["curve"].get("eval_env_steps", [])) > 1 for env in envs_ for algo in algos)
+    steps, returns = ("eval_env_steps", "eval_return") if evaluated else ("env_steps", "train_return")
     for ax, env in zip(axes.flat, envs_, strict=False):
         for algo in algos:
             curve = results[env, algo]["curve"]
-            returns = np.array(curve["train_return"])  # updates × seeds
-            line = ax.plot(curve["env_steps"], returns.mean(1), label=algo.upper())[0]
-            ax.fill_between(curve["env_steps"], returns.min(1), returns.max(1), color=line.get_color(), alpha=0.2)
-        ax.set(title=env, xlabel="environment steps", ylabel="training episode return")
+            values = np.array(curve[returns])  # points × seeds
+            line = ax.plot(curve[steps], values.mean(1), "o-" if evaluated else "-", label=algo.upper())[0]
+            ax.fill_between(curve[steps], values.min(1), values.max(1), color=line.get_color(), alpha=0.2)
+        ax.set(title=env, xlabel="environment steps",
+               ylabel="evaluation return (mean action)" if evaluated else "training episode return")  # fmt: skip
         ax.legend(loc="best", fontsize="small")
     for ax in axes.flat[len(envs_) :]:
         ax.axis("off")

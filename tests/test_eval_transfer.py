@@ -18,8 +18,8 @@ import ppo
 
 TINY = (
     "--num-seeds 2 --num-envs 16 --num-steps 8 --num-minibatches 4 --total-timesteps 1024 "
-    "--hidden-sizes 16 16 --num-eval-envs 4 --episode-length 50"
-).split()  # 8 updates of 128 steps
+    "--hidden-sizes 16 16 --num-eval-envs 4 --episode-length 50 --num-evals 4"
+).split()  # 8 updates of 128 steps, an evaluation every second
 ENVS, ALGOS = ["fast"], ["ppo", "dpo"]
 
 
@@ -70,6 +70,10 @@ def test_tiny_run_writes_every_output(tiny_run):
             assert cell["env_steps"] == 1024 and len(cell["eval_return_per_seed"]) == 2
             assert cell["curve"]["env_steps"] == [128 * (i + 1) for i in range(8)]  # every update
             assert np.shape(cell["curve"]["train_return"]) == (8, 2)  # updates × seeds
+            assert cell["curve"]["eval_env_steps"] == [256, 512, 768, 1024]
+            assert np.shape(cell["curve"]["eval_return"]) == (4, 2)  # evaluations × seeds
+            np.testing.assert_allclose(cell["curve"]["eval_return"][-1], cell["eval_return_per_seed"], rtol=1e-6)
+            assert cell["machine"] in table
             assert cell["fingerprint"] == eval_transfer.fingerprint(cell["config"])
 
 
