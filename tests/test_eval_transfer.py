@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -81,9 +82,12 @@ def test_rerun_skips_finished_cells(tiny_run, capsys):
     out, argv = tiny_run
     cells = os.path.join(out, "cells")
     before = {name: os.path.getmtime(os.path.join(cells, name)) for name in os.listdir(cells)}
+    outputs = ("results.md", "results.csv", "results.json", "curves.png", "drifts.png")
+    written = {name: pathlib.Path(out, name).read_bytes() for name in outputs}
     eval_transfer.main(argv)
     assert capsys.readouterr().out.count("already done") == len(ENVS) * len(ALGOS)
     assert before == {name: os.path.getmtime(os.path.join(cells, name)) for name in os.listdir(cells)}
+    assert written == {name: pathlib.Path(out, name).read_bytes() for name in outputs}  # byte for byte
 
 
 def test_a_cell_saved_with_other_settings_is_recomputed(tiny_run, monkeypatch, capsys):
