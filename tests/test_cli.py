@@ -7,12 +7,15 @@ import dataclasses
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import tyro
 
 import dpo
 import ppo
@@ -166,3 +169,30 @@ def test_on_a_terminal_progress_is_a_bar_and_metrics_csv_is_unchanged(tmp_path, 
         else:
             assert printed.getvalue().startswith("update     1/8")
     assert rows[True] == rows[False] and len(rows[True]) == 2 * 4  # every 2nd update, for 2 seeds
+
+
+def readme_commands():
+    """Every `python SCRIPT.py ...` line of README.md's shell blocks: continuation lines joined, comments dropped."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line, comments=True) for line in lines]
+    return [argv[1:] for argv in commands if argv[:1] == ["python"] and argv[1].endswith(".py")]
+
+
+def test_readme_commands_parse_and_pass_every_check(monkeypatch):
+    """The README's commands are the first a user runs: each must still name real flags with allowed values."""
+    import eval_transfer
+    import lpo_meta
+
+    monkeypatch.chdir(ROOT)  # paths in the README are relative to the repository
+    commands = readme_commands()
+    assert {c[0] for c in commands} >= {"dpo.py", "lpo_meta.py", "eval_transfer.py"}
+    for script, *argv in commands:
+        if script in ("ppo.py", "dpo.py"):
+            module = {"ppo.py": ppo, "dpo.py": dpo}[script]
+            module.resolve_args(tyro.cli(module.Args, args=argv))
+        elif script == "lpo_meta.py" and "--resume" not in argv:  # a resumed run needs its folder
+            lpo_meta.check_lpo_args(lpo_meta.resolve_args(lpo_meta.parse_args(argv)[0]))
+        elif script == "eval_transfer.py":
+            eval_transfer.resolve_cells(tyro.cli(eval_transfer.Args, args=argv))
