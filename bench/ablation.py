@@ -62,11 +62,19 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --seed 2",
         4,
     ),
+    "ppo, clip per network, annealed lr": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --anneal-lr",
+    ),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo default, no gradient clip": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
     "dpo, clip per network (default now)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --clip-per-network"),
+    "dpo, clip per network, annealed lr": (
+        "dpo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --anneal-lr",
+    ),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",
