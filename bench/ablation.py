@@ -66,6 +66,10 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "ppo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --anneal-lr",
     ),
+    "ppo, clip per network, lr 6e-4": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --learning-rate 6e-4",
+    ),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
@@ -74,6 +78,10 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
     "dpo, clip per network, annealed lr": (
         "dpo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --anneal-lr",
+    ),
+    "dpo, clip per network, lr 6e-4": (
+        "dpo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --learning-rate 6e-4",
     ),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
