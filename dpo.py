@@ -496,7 +496,7 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
 PUREJAXRL = dict(num_envs=2048, num_steps=10, num_minibatches=32, update_epochs=4, gamma=0.99, max_grad_norm=0.5,
                  reward_scaling=1.0)
 CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it reached: bench/README.md
-    "ant": dict(PUREJAXRL, total_timesteps=3_686_400),
+    "ant": dict(PUREJAXRL, total_timesteps=4_096_000),
     "hopper": dict(PUREJAXRL, total_timesteps=6_492_160),
     "walker2d": dict(PUREJAXRL, total_timesteps=5_242_880),
     "halfcheetah": dict(PUREJAXRL, total_timesteps=2_007_040),
