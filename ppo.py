@@ -43,7 +43,7 @@ class Args:
     preset: str = "auto"
     """Preset tier: cpu (tuned on 2 CPU cores), paper (the authors' Brax settings) or auto (cpu on a CPU, else paper)"""
     backend: str | None = None
-    """Physics backend: spring, positional, generalized or mjx (preset: the fastest on CPU)."""
+    """Physics backend: spring, positional, generalized or mjx (preset: per env and tier, see PRESETS)."""
     seed: int = 0
     """Seed of the first run; run i uses seed + i."""
     num_seeds: int = 1
@@ -481,13 +481,14 @@ PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  
     "fast":                     (1_000_000,   2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
 }
 # The cpu tier's base: PureJaxRL's Brax settings (2048 envs × 10 steps, 32 minibatches × 4 epochs, γ 0.99, gradient
-# clip 0.5, reward scale 1), the best tried on ant; each env's steps: how far it got in bench/sweep.py's budget.
+# clip 0.5, reward scale 1), the best tried on ant; each env's steps: how far it got in bench/sweep.py's budget;
+# positional physics where it learnt more than spring in that time (hopper, walker2d).
 PUREJAXRL = dict(num_envs=2048, num_steps=10, num_minibatches=32, update_epochs=4, gamma=0.99, max_grad_norm=0.5,
                  reward_scaling=1.0)
 CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it reached: bench/README.md
     "ant": dict(PUREJAXRL, total_timesteps=4_096_000),
-    "hopper": dict(PUREJAXRL, total_timesteps=6_492_160),
-    "walker2d": dict(PUREJAXRL, total_timesteps=5_242_880),
+    "hopper": dict(PUREJAXRL, total_timesteps=3_276_800, backend="positional"),
+    "walker2d": dict(PUREJAXRL, total_timesteps=2_252_800, backend="positional"),
     "halfcheetah": dict(PUREJAXRL, total_timesteps=2_007_040),
     "inverted_double_pendulum": dict(PUREJAXRL, total_timesteps=3_993_600),
     "reacher": dict(PUREJAXRL, total_timesteps=11_960_320),
