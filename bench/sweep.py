@@ -14,6 +14,7 @@ Runs must be alone on the machine: the score depends on wall time. Returns do no
     nohup python bench/sweep.py --env hopper > sweep_hopper.log 2>&1 &   # all stages, resumes
     python bench/sweep.py --env hopper --stage screen --table-only        # what is done so far
     python bench/sweep.py --env hopper --candidates base positional       # only these candidates
+    python bench/sweep.py --env hopper --on "--backend positional"        # every candidate on positional physics
 """
 
 import argparse
@@ -25,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 --gamma 0.99 "
@@ -68,24 +70,38 @@ def cpu_model():
     return next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
 
 
-def run_dir(env, stage, candidate, script):
-    return os.path.join(ROOT, "runs", "sweep", env, stage, candidate.replace(" ", "_"), script.removesuffix(".py"))
+class Sweep(NamedTuple):
+    """One env's search, its candidates on top of BASE + the env's flags + `on` (e.g. another backend)."""
+
+    env: str
+    on: str = ""
+
+    @property
+    def name(self):  # names its runs' folder and its JSON: hopper, or hopper+backend_positional
+        return self.env + (f"+{'_'.join(self.on.replace('--', '').split())}" if self.on else "")
 
 
-def command(env, candidate, script, steps, seeds, out):
-    extra = ENVS[env][1]
-    return [sys.executable, os.path.join(ROOT, script), "--env", env, "--preset", "paper", *BASE.split(),
-            *extra.split(), *CANDIDATES[candidate].split(), "--total-timesteps", str(steps), "--num-seeds", str(seeds),
+def run_dir(sweep, stage, candidate, script):
+    return os.path.join(
+        ROOT, "runs", "sweep", sweep.name, stage, candidate.replace(" ", "_"), script.removesuffix(".py")
+    )
+
+
+def command(sweep, candidate, script, steps, seeds, out):
+    extra = ENVS[sweep.env][1]
+    return [sys.executable, os.path.join(ROOT, script), "--env", sweep.env, "--preset", "paper", *BASE.split(),
+            *extra.split(), *sweep.on.split(), *CANDIDATES[candidate].split(), "--total-timesteps", str(steps),
+            "--num-seeds", str(seeds),
             "--num-evals", str(SCREEN_EVALS if steps == SCREEN_STEPS else 8), "--out-dir", out]  # fmt: skip
 
 
-def run(env, stage, candidate, script, steps, seeds, budget_s=None):
+def run(sweep, stage, candidate, script, steps, seeds, budget_s=None):
     """One run of the script; with budget_s it is stopped after that wall time (metrics.csv keeps its evaluations).
     done.json marks it finished."""
-    out = run_dir(env, stage, candidate, script)
+    out = run_dir(sweep, stage, candidate, script)
     if os.path.exists(os.path.join(out, "done.json")):
         return
-    cmd = command(env, candidate, script, steps, seeds, out)
+    cmd = command(sweep, candidate, script, steps, seeds, out)
     print(f"[{time.strftime('%H:%M:%S')}] {stage} {candidate} {script}: {' '.join(cmd[2:])}", flush=True)
     os.makedirs(out, exist_ok=True)
     start = time.time()
@@ -104,11 +120,11 @@ def run(env, stage, candidate, script, steps, seeds, budget_s=None):
     print(f"[{time.strftime('%H:%M:%S')}] {stage} {candidate} {script}: {tail[0] if tail else ''}", flush=True)
 
 
-def read(env, stage, candidate, script, budget_s):
+def read(sweep, stage, candidate, script, budget_s):
     """The run's score: the mean over seeds of its last evaluation within budget_s (compile included; all of them
     when budget_s is None), with the steps it came at, the per-seed values and whether it diverged; None if not
     run."""
-    out = run_dir(env, stage, candidate, script)
+    out = run_dir(sweep, stage, candidate, script)
     if not os.path.exists(os.path.join(out, "done.json")):
         return None
     with open(os.path.join(out, "stdout.txt")) as f:
@@ -132,17 +148,17 @@ def read(env, stage, candidate, script, budget_s):
     return dict(score=sum(per_seed) / len(per_seed), steps=steps, per_seed=per_seed, diverged=diverged)
 
 
-def ranked(env, candidates, budget_s):
+def ranked(sweep, candidates, budget_s):
     """Screened candidates, best first by the mean of both scripts' scores."""
     scores = {}
     for c in candidates:
-        runs = [read(env, "screen", c, s, budget_s) for s in SCRIPTS]
+        runs = [read(sweep, "screen", c, s, budget_s) for s in SCRIPTS]
         if all(r is not None for r in runs):
             scores[c] = sum(r["score"] for r in runs) / len(runs)
     return sorted(scores, key=scores.get, reverse=True)
 
 
-def table(env, stage, candidates, budget_s):
+def table(sweep, stage, candidates, budget_s):
     budget = budget_s if stage == "screen" else None
     head = "score (last eval within budget)" if budget else "final eval per seed"
     lines = [
@@ -150,7 +166,7 @@ def table(env, stage, candidates, budget_s):
         "|---|---|---|---|---|---|",
     ]
     for c in candidates:
-        runs = [read(env, stage, c, s, budget) for s in SCRIPTS]
+        runs = [read(sweep, stage, c, s, budget) for s in SCRIPTS]
         if any(r is None for r in runs):
             continue
 
@@ -172,6 +188,7 @@ def main():
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="candidate names, as above")
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--budget-s", type=float, help="wall-clock budget per run (default: the env's, above)")
+    parser.add_argument("--on", default="", help='flags every candidate adds to the base, e.g. "--backend positional"')
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     unknown = [c for c in args.candidates if c not in CANDIDATES]
@@ -179,21 +196,25 @@ def main():
         raise SystemExit(f"error: unknown candidate(s) {unknown}; choose from: {', '.join(CANDIDATES)}")
     budget_s = args.budget_s or ENVS[args.env][0]
     stages = ("screen", "final", "check") if args.stage == "all" else (args.stage,)
+    sweep = Sweep(args.env, args.on)
+    out = os.path.join(ROOT, "bench", f"sweep_{sweep.name}.json")
     report = {}
+    if os.path.exists(out):  # the tables of the stages not run now are kept
+        with open(out) as f:
+            report = json.load(f)["tables"]
     for stage in stages:
-        candidates = args.candidates if stage == "screen" else ranked(args.env, args.candidates, budget_s)
+        candidates = args.candidates if stage == "screen" else ranked(sweep, args.candidates, budget_s)
         candidates = candidates if stage == "screen" else candidates[: args.finalists]
         for c in candidates if not args.table_only else ():
             for script in SCRIPTS:
                 if stage == "screen":
-                    run(args.env, stage, c, script, SCREEN_STEPS, 1, budget_s)
+                    run(sweep, stage, c, script, SCREEN_STEPS, 1, budget_s)
                 else:  # the steps both scripts reached within the budget (2× for the check), 3 seeds
-                    reached = min(read(args.env, "screen", c, s, budget_s)["steps"] for s in SCRIPTS)
-                    run(args.env, stage, c, script, reached * (2 if stage == "check" else 1), 3)
-        report[stage] = table(args.env, stage, candidates, budget_s)
-        print(f"\n### {args.env}, {stage}\n\n{report[stage]}\n", flush=True)
-    out = os.path.join(ROOT, "bench", f"sweep_{args.env}.json")
-    blob = dict(env=args.env, budget_s=budget_s, cpu=cpu_model(), nproc=os.cpu_count(),
+                    reached = min(read(sweep, "screen", c, s, budget_s)["steps"] for s in SCRIPTS)
+                    run(sweep, stage, c, script, reached * (2 if stage == "check" else 1), 3)
+        report[stage] = table(sweep, stage, candidates, budget_s)
+        print(f"\n### {sweep.name}, {stage}\n\n{report[stage]}\n", flush=True)
+    blob = dict(env=args.env, on=args.on, budget_s=budget_s, cpu=cpu_model(), nproc=os.cpu_count(),
                 python=platform.python_version(), base=BASE, tables=report)  # fmt: skip
     with open(out + ".tmp", "w") as f:
         json.dump(blob, f, indent=1)
