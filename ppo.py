@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import optax
 import tyro
@@ -32,6 +33,16 @@ from flax import serialization
 with contextlib.redirect_stdout(io.StringIO()):  # only mujoco prints here: that its optional GPU physics is absent
     from brax import envs
     from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper, VmapWrapper
+
+
+def mujoco_warning(message):
+    """MuJoCo's warnings, printed by its C code, as Python warnings; but for a deprecated attribute in Brax's own
+    halfcheetah model, which is not the user's to fix."""
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message}", stacklevel=1)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
 
 ALGO = "ppo"
 

@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -95,6 +96,17 @@ def test_a_replay_shows_every_physics_step(tmp_path, monkeypatch):
     stats = jax.tree.map(lambda x: x[None], ppo.init_obs_stats(4))
     ppo.write_replay(str(tmp_path / "replay.html"), args, params, stats, jax.random.PRNGKey(1))
     assert frames == [50]
+
+
+def test_mujoco_warnings_reach_python_but_for_brax_halfcheetahs_own(capfd):
+    from brax import envs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        envs.get_environment("halfcheetah", backend="spring")  # Brax's model sets MuJoCo's deprecated settotalmass
+        ppo.mujoco_warning("another warning")
+    assert [str(w.message) for w in caught if "MuJoCo" in str(w.message)] == ["MuJoCo: another warning"]
+    assert "settotalmass" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("script", [ppo, dpo])
