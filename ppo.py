@@ -697,12 +697,14 @@ class Logger:
         self.last_time, self.last_steps = now, env_steps
         self.last_eval = mean.get("eval_return", self.last_eval)
         evaluation = f" | eval {self.last_eval:8.1f}" if self.last_eval is not None else ""
+        # no return to show before an episode has ended (halfcheetah's end only at their time limit)
+        train = f"{mean['train_return']:9.1f}" if mean["episodes_finished"] > 0 else "      n/a"
         if self.bar is not None:
             self.bar.start()  # a no-op once started
-            status = f"return {mean['train_return']:.1f}{evaluation} | {sps:,.0f} steps/s"
+            status = f"return {train.strip()}{evaluation} | {sps:,.0f} steps/s"
             return self.bar.update(self.task, completed=env_steps, status=status)
         progress = f"update {update:>5}/{self.num_updates} {100 * update / self.num_updates:3.0f}%"
-        print(f"{progress} | steps {env_steps:>11,} | return {mean['train_return']:9.1f} | loss {mean['loss']:8.4f} | "
+        print(f"{progress} | steps {env_steps:>11,} | return {train} | loss {mean['loss']:8.4f} | "
               f"kl {mean['approx_kl']:.4f} | {sps:8,.0f} steps/s | {elapsed:6.0f} s, {eta:6.0f} s to go{evaluation}",
               flush=True)  # fmt: skip
 
@@ -712,9 +714,14 @@ def plot_returns(path, rows, title):
 
     fig = Figure(figsize=(6, 4), layout="tight")
     ax = fig.subplots()
+    at = lambda step: [r for r in rows if r["env_steps"] == step]
     for key, label in (("train_return", "training episodes"), ("eval_return", "evaluation (mean action)")):
-        steps = sorted({r["env_steps"] for r in rows if r[key] is not None})
-        by_step = np.array([[r[key] for r in rows if r["env_steps"] == s] for s in steps])
+        # a training return exists once every seed has ended an episode (halfcheetah's end only at their time limit)
+        steps = sorted(s for s in {r["env_steps"] for r in rows} if all(r[key] is not None and (
+            key == "eval_return" or r["episodes_finished"] > 0) for r in at(s)))  # fmt: skip
+        if not steps:
+            continue
+        by_step = np.array([[r[key] for r in at(s)] for s in steps])
         ax.plot(steps, by_step.mean(1), "o-" if key == "eval_return" else "-", label=f"{label}, mean over seeds")
         ax.fill_between(steps, by_step.min(1), by_step.max(1), alpha=0.3)
     ax.set(xlabel="environment steps", ylabel="episode return (shaded: min–max over seeds)", title=title)
@@ -774,10 +781,11 @@ def main(argv=None):
     eval_per_seed = np.asarray(eval_returns).mean(axis=1)
     if not np.all(np.isfinite(eval_per_seed)):
         raise SystemExit(f"error: final evaluation returned NaN/inf: {eval_per_seed.tolist()}")
-    env_steps = logger.rows[-1]["env_steps"]  # the logger always records the last update
+    last = logger.rows[-args.num_seeds :]  # the logger always records the last update, a row per seed
+    env_steps, ended = last[-1]["env_steps"], all(r["episodes_finished"] > 0 for r in last)
     summary.update(env_steps=env_steps, eval_return_mean=float(eval_per_seed.mean()),
                    eval_return_std=float(eval_per_seed.std()), eval_return_per_seed=eval_per_seed.tolist(),
-                   train_return_mean=float(np.mean([r["train_return"] for r in logger.rows[-args.num_seeds :]])),
+                   train_return_mean=float(np.mean([r["train_return"] for r in last])) if ended else None,
                    compile_s=round(compile_s, 2), run_s=round(run_s, 2),
                    sps=round(env_steps * args.num_seeds / run_s, 1))  # fmt: skip
     atomic_write(out("summary.json"), json.dumps(summary, indent=2).encode())

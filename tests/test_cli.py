@@ -171,7 +171,8 @@ def test_on_a_terminal_progress_is_a_bar_and_metrics_csv_is_unchanged(tmp_path, 
         with contextlib.redirect_stdout(printed):
             for update in range(1, logger.num_updates + 1):
                 metrics = dict(update=update, env_steps=update * 512, evaluated=update == 8, eval_return=np.ones(2),
-                               train_return=np.full(2, update), loss=np.zeros(2), approx_kl=np.zeros(2))  # fmt: skip
+                               train_return=np.full(2, update), loss=np.zeros(2), approx_kl=np.zeros(2),
+                               episodes_finished=np.full(2, float(update >= 3)))  # fmt: skip
                 logger(metrics)
             logger.close()
         rows[tty] = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in logger.rows]
@@ -180,6 +181,8 @@ def test_on_a_terminal_progress_is_a_bar_and_metrics_csv_is_unchanged(tmp_path, 
             assert "update" not in printed.getvalue()
         else:
             assert printed.getvalue().startswith("update     1/8")
+            lines = printed.getvalue().splitlines()  # no return before an episode has ended
+            assert "| return       n/a |" in lines[0] and "| return       4.0 |" in printed.getvalue()
     assert rows[True] == rows[False] and len(rows[True]) == 2 * 4  # every 2nd update, for 2 seeds
 
 
