@@ -697,7 +697,7 @@ class Logger:
         self.last_time, self.last_steps = now, env_steps
         self.last_eval = mean.get("eval_return", self.last_eval)
         evaluation = f" | eval {self.last_eval:8.1f}" if self.last_eval is not None else ""
-        # no return to show before an episode has ended (halfcheetah's end only at their time limit)
+        # no return to show before an episode has ended (halfcheetah's episodes end only at the time limit)
         train = f"{mean['train_return']:9.1f}" if mean["episodes_finished"] > 0 else "      n/a"
         if self.bar is not None:
             self.bar.start()  # a no-op once started
@@ -716,7 +716,7 @@ def plot_returns(path, rows, title):
     ax = fig.subplots()
     at = lambda step: [r for r in rows if r["env_steps"] == step]
     for key, label in (("train_return", "training episodes"), ("eval_return", "evaluation (mean action)")):
-        # a training return exists once every seed has ended an episode (halfcheetah's end only at their time limit)
+        # a training return exists once every seed has ended an episode (halfcheetah's: only at the time limit)
         steps = sorted(s for s in {r["env_steps"] for r in rows} if all(r[key] is not None and (
             key == "eval_return" or r["episodes_finished"] > 0) for r in at(s)))  # fmt: skip
         if not steps:
