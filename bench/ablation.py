@@ -4,6 +4,7 @@ saved under runs/ablation/{env}/{arm}; an arm whose summary.json exists is not r
 resumes where it stopped. The table is printed and written to bench/ablation_{env}.json.
 
     nohup python bench/ablation.py --env ant > ablation_ant.log 2>&1 &
+    nohup python bench/ablation.py --env hopper > ablation_hopper.log 2>&1 &   # hopper's arms (DEFAULT_ARMS)
     python bench/ablation.py --env ant --arms ppo dpo        # only these arms
     python bench/ablation.py --env ant --table-only          # the table of what is done
 """
@@ -24,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every flag not named here is the script's default.
 COMMON = {
     "ant": "--env ant --total-timesteps 3686400 --backend spring",
-    "hopper": "--env hopper --total-timesteps 3686400 --backend spring",
+    # hopper's cpu tier: positional physics, where it learns more than on spring (bench/README.md, sweep.py)
+    "hopper": "--env hopper --total-timesteps 3276800 --backend positional",
     "inverted_pendulum": "--env inverted_pendulum --total-timesteps 1024000 --backend spring",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
@@ -70,6 +72,20 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "ppo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --learning-rate 6e-4",
     ),
+    # the authors' remaining differences, each alone on top of today's defaults (hopper's arms)
+    "ppo, clip per network, tanh-squashed actions": (
+        "ppo.py",
+        "--no-normalize-rewards --tanh-squash --clip-per-network",
+    ),
+    "ppo, clip per network, reward norm": ("ppo.py", "--normalize-rewards --no-tanh-squash --clip-per-network"),
+    "ppo, clip per network, value clip": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --vf-clip 0.2",
+    ),
+    "ppo, clip per network, reward norm + value clip": (
+        "ppo.py",
+        "--normalize-rewards --no-tanh-squash --clip-per-network --vf-clip 0.2",
+    ),
     "dpo before": ("dpo.py", BEFORE),
     "dpo + clipped actions": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
@@ -88,6 +104,21 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "dpo.py",
         "--normalize-rewards --no-tanh-squash --vf-clip 0.2",
     ),
+}
+
+
+# The arms run when --arms is not given: on ant every arm; on hopper today's defaults, the one clip norm they
+# replaced, and each of the authors' other differences alone.
+DEFAULT_ARMS = {
+    "hopper": [
+        "ppo, clip per network (default now)",
+        "dpo, clip per network (default now)",
+        "ppo + clipped actions + orthogonal init (default)",
+        "ppo, clip per network, tanh-squashed actions",
+        "ppo, clip per network, reward norm",
+        "ppo, clip per network, value clip",
+        "ppo, clip per network, reward norm + value clip",
+    ]
 }
 
 
@@ -150,12 +181,13 @@ def table(env, arms):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="ant", choices=sorted(COMMON))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="arm names exactly, or their first words")
+    parser.add_argument("--arms", nargs="+", help="arm names exactly, or their first words (default: the env's arms)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--num-evals", type=int, default=4)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    arms = [a for a in ARMS if a in args.arms] or [a for a in ARMS if any(a.startswith(s) for s in args.arms)]
+    args.arms = args.arms or DEFAULT_ARMS.get(args.env, list(ARMS))
+    arms = [a for a in args.arms if a in ARMS] or [a for a in ARMS if any(a.startswith(s) for s in args.arms)]
     if not arms:
         raise SystemExit(f"error: no arm matches {args.arms}; arms: {', '.join(ARMS)}")
     if not args.table_only:
