@@ -15,7 +15,7 @@ trains for `--brax-budget` steps with `--brax-evals` evaluations (the first at s
 evaluation at or above the target (nothing after it would change its time). Each contender runs `--repeats`
 times with seeds 0, 1, ..., interleaved; the table gives the median time over the repeats (a repeat that
 misses the target counts as infinitely slow). Prints a table; writes JSON after every run (atomically), so a
-killed bench keeps what it measured.
+killed bench keeps what it measured, and the same command resumes it (runs already in `--out` are kept).
 """
 
 import dataclasses
@@ -56,11 +56,16 @@ class Bench:
     """Env steps of the Brax run."""
     brax_evals: int = 11
     """Evaluations of the Brax run (the first at step 0)."""
-    brax_layout: Literal["small", "purejaxrl"] = "small"
+    brax_layout: Literal["small", "purejaxrl", "brax"] = "small"
     """Brax's settings. small: 512 envs, unroll 16, batch 64 × 8 minibatches, 4 passes, γ 0.97, its default
     networks, no gradient clip (its best found here for early targets). purejaxrl: the layout of ant's cpu
     preset and of PureJaxRL (2048 envs, unroll 10, batch 64 × 32, 4 passes, γ 0.99, 256-256 tanh networks, clip
-    ratio 0.2, gradient norm 0.5), at which ppo.py and dpo.py reach high returns within a CPU's budget."""
+    ratio 0.2, gradient norm 0.5), at which ppo.py and dpo.py reach high returns within a CPU's budget. brax:
+    Brax's own published ant settings for an accelerator (4096 envs, unroll 5, batch 2048 × 32, 4 passes, γ 0.97,
+    its default networks)."""
+    brax_max_seconds: float = math.inf
+    """Stop Brax's trainer at its first evaluation past this wall time (then its time to target is only bounded
+    from below by it)."""
     brax_reward_scaling: float = 10.0
     """Brax's reward scaling."""
     brax_entropy: float = 1e-2
@@ -70,9 +75,11 @@ class Bench:
     default): turned off process-wide, as ppo.py and dpo.py turn them off for themselves (`compiler_options`),
     so that all contenders run on the same compiler settings."""
     repeats: int = 1
-    """Runs of each contender (seeds 0, 1, ...), interleaved."""
+    """Runs of each contender (seeds 0, 1, ...), interleaved. Runs already in `--out` (same settings) are kept,
+    not repeated: raise it to add seeds."""
     contenders: tuple[str, ...] = ("ppo.py", "dpo.py", "brax ppo")
-    """Which contenders to run (e.g. only dpo.py and brax ppo, to test a new dpo.py setting against Brax)."""
+    """Which contenders to run now (e.g. only dpo.py, to add its seeds); the table shows every contender in
+    `--out`."""
     max_ratio: float = 1 / 1.5
     """The target for our time over Brax's (printed next to the ratios)."""
     out: str = "bench/time_to_return.json"
@@ -124,7 +131,7 @@ def summarise(evals, target):
 
 
 class TargetReached(Exception):
-    """Raised from Brax's progress callback to end its run at the target."""
+    """Raised from Brax's progress callback to end its run at the target (or past its time limit)."""
 
 
 def brax_trainer(bench, seed):
@@ -140,7 +147,7 @@ def brax_trainer(bench, seed):
 
     def progress_fn(step, metrics):
         evals.append((time.perf_counter() - start, step, float(metrics["eval/episode_reward"])))
-        if evals[-1][2] >= bench.target:
+        if evals[-1][2] >= bench.target or evals[-1][0] > bench.brax_max_seconds:
             raise TargetReached
 
     layout = dict(num_envs=512, discounting=0.97, unroll_length=16, batch_size=64, num_minibatches=8)
@@ -149,6 +156,8 @@ def brax_trainer(bench, seed):
                                             value_hidden_layer_sizes=(256, 256), activation=jax.nn.tanh)  # fmt: skip
         layout = dict(num_envs=2048, discounting=0.99, unroll_length=10, batch_size=64, num_minibatches=32,
                       clipping_epsilon=0.2, max_grad_norm=0.5, network_factory=network_factory)  # fmt: skip
+    elif bench.brax_layout == "brax":
+        layout = dict(num_envs=4096, discounting=0.97, unroll_length=5, batch_size=2048, num_minibatches=32)
     start = time.perf_counter()
     try:
         brax_ppo.train(
@@ -180,19 +189,20 @@ def main():
                   "dpo.py": lambda seed: ours(dpo, bench, seed, bench.flags + bench.dpo_flags),
                   "brax ppo": lambda seed: brax_trainer(bench, seed)}  # fmt: skip
     unknown = set(bench.contenders) - set(contenders)
-    if unknown or "brax ppo" not in bench.contenders:
-        raise SystemExit(f"error: --contenders {' '.join(bench.contenders)!r}: choose among {', '.join(contenders)}, "
-                         "brax ppo included (the ratios are to its time)")  # fmt: skip
-    contenders = {name: run for name, run in contenders.items() if name in bench.contenders}
+    if unknown:
+        raise SystemExit(f"error: --contenders {' '.join(sorted(unknown))!r}: choose among {', '.join(contenders)}")
     for module, flags in ((ppo, bench.flags), (dpo, bench.flags + bench.dpo_flags)):  # bad flags fail now, not later
         module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
                                         **parse_flags(module, bench, flags)))  # fmt: skip
-    results = {name: [] for name in contenders}
+    results = load_json(bench)
     for seed in range(bench.repeats):
-        for name, run in contenders.items():
-            results[name].append(run(seed))
+        for name in bench.contenders:
+            runs = results.setdefault(name, [])
+            if seed < len(runs):
+                continue  # measured before, with these settings
+            runs.append(contenders[name](seed))
             write_json(bench, results)
-            r = results[name][-1]
+            r = runs[-1]
             print(f"{name} seed {seed}: final eval {r['final_eval']:.1f}, seconds to target {r['seconds_to_target']}")
             for step_time, step, value in r.get("evals", []):
                 print(f"    {step:>10,} steps  eval {value:8.1f}  at {step_time:7.1f} s", flush=True)
@@ -201,19 +211,36 @@ def main():
         return statistics.median(math.inf if r["seconds_to_target"] is None else r["seconds_to_target"] for r in runs)
 
     print(f"\n{bench.env}: wall time (compile included) to eval return ≥ {bench.target:g}, median of "
-          f"{bench.repeats} run(s), on {os.cpu_count()} CPU cores")  # fmt: skip
+          f"the runs below, on {os.cpu_count()} CPU cores")  # fmt: skip
     print("| trainer | last eval per seed | reached | median seconds to target |\n|---|---|---|---|")
     for name, runs in results.items():
         finals = ", ".join(f"{r['final_eval']:.0f}" for r in runs)
         reached = sum(r["seconds_to_target"] is not None for r in runs)
         print(f"| {name} | {finals} | {reached}/{len(runs)} | {median_seconds(runs):.0f} |")
-    brax_s = median_seconds(results["brax ppo"])
+    brax_s = median_seconds(results["brax ppo"]) if results.get("brax ppo") else math.inf
     for name in [n for n in results if n != "brax ppo"]:
         if math.isinf(brax_s):
             print(f"{name} / brax time: none, Brax's trainer did not reach the target (target ≤ {bench.max_ratio:.2f})")
             continue
         print(f"{name} / brax time: {median_seconds(results[name]) / brax_s:.2f} (target ≤ {bench.max_ratio:.2f})")
     write_json(bench, results)
+
+
+# What a run depends on: a file measured with other values of these is not resumed.
+RESUME_KEYS = ("env", "target", "budget", "evals", "flags", "dpo_flags", "brax_budget", "brax_evals", "brax_layout",
+               "brax_max_seconds", "brax_reward_scaling", "brax_entropy", "brax_ynn")  # fmt: skip
+
+
+def load_json(bench):
+    if not os.path.exists(bench.out):
+        return {}
+    with open(bench.out) as f:
+        saved = json.load(f)
+    mine = dataclasses.asdict(bench)
+    differ = [k for k in RESUME_KEYS if json.dumps(saved["config"].get(k, mine[k])) != json.dumps(mine[k])]
+    if differ:
+        raise SystemExit(f"error: {bench.out} was measured with other {', '.join(differ)}: give another --out")
+    return saved["results"]
 
 
 def write_json(bench, results):
