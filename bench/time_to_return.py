@@ -226,9 +226,8 @@ def main():
     write_json(bench, results)
 
 
-# What a run depends on: a file measured with other values of these is not resumed.
-RESUME_KEYS = ("env", "target", "budget", "evals", "flags", "dpo_flags", "brax_budget", "brax_evals", "brax_layout",
-               "brax_max_seconds", "brax_reward_scaling", "brax_entropy", "brax_ynn")  # fmt: skip
+# What a run depends on (every field but these): a file measured with other values is not resumed.
+NOT_RESUME_KEYS = ("repeats", "contenders", "max_ratio", "out")
 
 
 def load_json(bench):
@@ -237,7 +236,8 @@ def load_json(bench):
     with open(bench.out) as f:
         saved = json.load(f)
     mine = dataclasses.asdict(bench)
-    differ = [k for k in RESUME_KEYS if json.dumps(saved["config"].get(k, mine[k])) != json.dumps(mine[k])]
+    keys = [k for k in mine if k not in NOT_RESUME_KEYS]
+    differ = [k for k in keys if json.dumps(saved["config"].get(k, mine[k])) != json.dumps(mine[k])]
     if differ:
         raise SystemExit(f"error: {bench.out} was measured with other {', '.join(differ)}: give another --out")
     return saved["results"]
