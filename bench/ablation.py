@@ -91,6 +91,11 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
     "dpo + clipped actions + orthogonal init (default)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash"),
     "dpo default, no gradient clip": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --max-grad-norm 0"),
     "dpo, clip per network (default now)": ("dpo.py", "--no-normalize-rewards --no-tanh-squash --clip-per-network"),
+    "dpo, clip per network, seeds 2-5": (
+        "dpo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --seed 2",
+        4,
+    ),
     "dpo, clip per network, annealed lr": (
         "dpo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --anneal-lr",
@@ -108,7 +113,7 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
 
 
 # The arms run when --arms is not given: on ant every arm; on hopper today's defaults, the one clip norm they
-# replaced, and each of the authors' other differences alone.
+# replaced ("ppo default" was PureJaxRL's one clip norm then), and each of the authors' other differences alone.
 DEFAULT_ARMS = {
     "hopper": [
         "ppo, clip per network (default now)",
@@ -118,6 +123,10 @@ DEFAULT_ARMS = {
         "ppo, clip per network, reward norm",
         "ppo, clip per network, value clip",
         "ppo, clip per network, reward norm + value clip",
+        # the two clips again on four more seeds: does the one clip norm's lead on hopper hold?
+        "ppo, clip per network, seeds 2-5",
+        "ppo default, seeds 2-5",
+        "dpo, clip per network, seeds 2-5",
     ]
 }
 
