@@ -63,6 +63,8 @@ class Bench:
     ratio 0.2, gradient norm 0.5), at which ppo.py and dpo.py reach high returns within a CPU's budget. brax:
     Brax's own published ant settings for an accelerator (4096 envs, unroll 5, batch 2048 × 32, 4 passes, γ 0.97,
     its default networks)."""
+    brax_backend: Literal["spring", "positional", "generalized"] = "spring"
+    """Brax's physics for its trainer's env: give the one ppo.py and dpo.py run (hopper's cpu preset: positional)."""
     brax_max_seconds: float = math.inf
     """Stop Brax's trainer at its first evaluation past this wall time (then its time to target is only bounded
     from below by it)."""
@@ -161,7 +163,7 @@ def brax_trainer(bench, seed):
     start = time.perf_counter()
     try:
         brax_ppo.train(
-            environment=envs.get_environment(bench.env, backend="spring"),
+            environment=envs.get_environment(bench.env, backend=bench.brax_backend),
             num_timesteps=bench.brax_budget,
             episode_length=1000,
             learning_rate=3e-4,
