@@ -63,8 +63,9 @@ class Bench:
     ratio 0.2, gradient norm 0.5), at which ppo.py and dpo.py reach high returns within a CPU's budget. brax:
     Brax's own published ant settings for an accelerator (4096 envs, unroll 5, batch 2048 × 32, 4 passes, γ 0.97,
     its default networks)."""
-    brax_backend: Literal["spring", "positional", "generalized"] = "spring"
-    """Brax's physics for its trainer's env: give the one ppo.py and dpo.py run (hopper's cpu preset: positional)."""
+    brax_backend: Literal["spring", "positional", "generalized"] | None = None
+    """Brax's physics for its trainer's env (default: the one ppo.py runs with `--flags`, e.g. hopper's cpu preset:
+    positional)."""
     brax_max_seconds: float = math.inf
     """Stop Brax's trainer at its first evaluation past this wall time (then its time to target is only bounded
     from below by it)."""
@@ -194,8 +195,10 @@ def main():
     if unknown:
         raise SystemExit(f"error: --contenders {' '.join(sorted(unknown))!r}: choose among {', '.join(contenders)}")
     for module, flags in ((ppo, bench.flags), (dpo, bench.flags + bench.dpo_flags)):  # bad flags fail now, not later
-        module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
-                                        **parse_flags(module, bench, flags)))  # fmt: skip
+        resolved = module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
+                                                   **parse_flags(module, bench, flags)))  # fmt: skip
+        if module is ppo and bench.brax_backend is None:  # resolved before --out is read, so a resume compares it
+            bench = dataclasses.replace(bench, brax_backend=resolved.backend)
     results = load_json(bench)
     for seed in range(bench.repeats):
         for name in bench.contenders:
@@ -220,7 +223,7 @@ def main():
         reached = sum(r["seconds_to_target"] is not None for r in runs)
         print(f"| {name} | {finals} | {reached}/{len(runs)} | {median_seconds(runs):.0f} |")
     brax_s = median_seconds(results["brax ppo"]) if results.get("brax ppo") else None
-    for name in [n for n in results if n != "brax ppo" and brax_s is not None]:  # no ratio without Brax's runs
+    for name in [n for n in results if n != "brax ppo"] if brax_s is not None else []:  # no ratio without Brax's runs
         if math.isinf(brax_s):
             print(f"{name} / brax time: none, Brax's trainer did not reach the target (target ≤ {bench.max_ratio:.2f})")
             continue
