@@ -194,7 +194,10 @@ def main():
     unknown = set(bench.contenders) - set(contenders)
     if unknown:
         raise SystemExit(f"error: --contenders {' '.join(sorted(unknown))!r}: choose among {', '.join(contenders)}")
-    for module, flags in ((ppo, bench.flags), (dpo, bench.flags + bench.dpo_flags)):  # bad flags fail now, not later
+    checked = [(ppo, bench.flags)]  # bad flags fail now, not later; ppo.py's always: Brax's backend follows it
+    if "dpo.py" in bench.contenders:  # a ppo.py-only flag (e.g. clip_eps=0.3) with dpo.py left out is fine
+        checked.append((dpo, bench.flags + bench.dpo_flags))
+    for module, flags in checked:
         resolved = module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
                                                    **parse_flags(module, bench, flags)))  # fmt: skip
         if module is ppo and bench.brax_backend is None:  # resolved before --out is read, so a resume compares it
