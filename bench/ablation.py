@@ -77,6 +77,11 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "ppo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --clip-eps 0.3",
     ),
+    "ppo, clip per network, clip eps 0.3, seeds 2-5": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --clip-eps 0.3 --seed 2",
+        4,
+    ),
     # the authors' remaining differences, each alone on top of today's defaults (hopper's arms)
     "ppo, clip per network, tanh-squashed actions": (
         "ppo.py",
