@@ -137,6 +137,9 @@ DEFAULT_ARMS = {
         "ppo, clip per network, seeds 2-5",
         "ppo default, seeds 2-5",
         "dpo, clip per network, seeds 2-5",
+        # Brax's PPO clipping range on six seeds
+        "ppo, clip per network, clip eps 0.3",
+        "ppo, clip per network, clip eps 0.3, seeds 2-5",
     ]
 }
 
