@@ -226,7 +226,7 @@ def main():
         reached = sum(r["seconds_to_target"] is not None for r in runs)
         print(f"| {name} | {finals} | {reached}/{len(runs)} | {median_seconds(runs):.0f} |")
     brax_s = median_seconds(results["brax ppo"]) if results.get("brax ppo") else None
-    for name in [n for n in results if n != "brax ppo"] if brax_s is not None else []:  # no ratio without Brax's runs
+    for name in [n for n in results if n != "brax ppo" and brax_s is not None]:  # no ratio without Brax's runs
         if math.isinf(brax_s):
             print(f"{name} / brax time: none, Brax's trainer did not reach the target (target ≤ {bench.max_ratio:.2f})")
             continue
