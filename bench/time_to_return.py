@@ -89,10 +89,10 @@ class Bench:
     """Where to write the table as JSON."""
 
 
-def parse_flag(preset, flag):
+def parse_flag(preset, flag, script):
     name, value = flag.split("=") if flag.count("=") == 1 else (None, None)
     if not hasattr(preset, name or ""):
-        raise SystemExit(f"error: {flag!r} is not name=value with name a field of Args (see ppo.py --help)")
+        raise SystemExit(f"error: {flag!r} is not name=value with name a field of {script}'s Args ({script} --help)")
     kind = type(getattr(preset, name))
     if kind is bool:
         if value.lower() not in ("true", "false"):
@@ -107,7 +107,7 @@ def parse_flag(preset, flag):
 
 def parse_flags(module, bench, flags):
     preset = module.resolve_args(module.Args(env=bench.env))  # for the type of each overridden field
-    return dict(parse_flag(preset, flag) for flag in flags)
+    return dict(parse_flag(preset, flag, f"{module.__name__}.py") for flag in flags)
 
 
 def ours(module, bench, seed, flags):
