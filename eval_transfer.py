@@ -320,12 +320,13 @@ def plot_curves(path, envs_, algos, results):
     lpo_meta.save_figure(fig, path)
 
 
-def plot_drifts(path, args, lpo=None):
+def plot_drifts(path, args, cells, lpo=None):
     """Heat maps of ∂(r·Â − D)/∂r over (r, Â), on lpo_meta.py's grid: where the objective still pushes the ratio
-    up (red) or down (blue)."""
-    panels = [(f"PPO (ε = {args.clip_eps})", lambda r, a: ppo.ppo_drift(r, a, args.clip_eps)),
-              (f"DPO (α = {args.dpo_alpha}, β = {args.dpo_beta})",
-               lambda r, a: dpo.dpo_drift(r, a, args.dpo_alpha, args.dpo_beta))]  # fmt: skip
+    up (red) or down (blue). One PPO panel per clipping range its cells used."""
+    eps = sorted({c.clip_eps for (_, algo), c in cells.items() if algo == "ppo"}) or [ppo.PAPER_COMMON["clip_eps"]]
+    panels = [(f"PPO (ε = {e})", lambda r, a, e=e: ppo.ppo_drift(r, a, e)) for e in eps]
+    panels.append((f"DPO (α = {args.dpo_alpha}, β = {args.dpo_beta})",
+                   lambda r, a: dpo.dpo_drift(r, a, args.dpo_alpha, args.dpo_beta)))  # fmt: skip
     if lpo is not None:
         params, config = lpo
         for progress in (0.0, 1.0) if config["temporal"] else (0.0,):
@@ -371,7 +372,7 @@ def main(argv=None):
 
     write_tables(args, envs_, algos, results, lpo[1] if lpo else None)
     plot_curves(os.path.join(args.results_dir, "curves.png"), envs_, algos, results)
-    plot_drifts(os.path.join(args.results_dir, "drifts.png"), args, lpo)
+    plot_drifts(os.path.join(args.results_dir, "drifts.png"), args, cells, lpo)
     print(open(os.path.join(args.results_dir, "results.md")).read(), flush=True)
     print(f"results in {args.results_dir}: results.md, results.csv, results.json, curves.png, drifts.png")
 

@@ -15,7 +15,8 @@ trains for `--brax-budget` steps with `--brax-evals` evaluations (the first at s
 evaluation at or above the target (nothing after it would change its time). Each contender runs `--repeats`
 times with seeds 0, 1, ..., interleaved; the table gives the median time over the repeats (a repeat that
 misses the target counts as infinitely slow). Prints a table; writes JSON after every run (atomically), so a
-killed bench keeps what it measured, and the same command resumes it (runs already in `--out` are kept).
+killed bench keeps what it measured, and the same command resumes it (runs already in `--out` are kept; a file
+measured with other options, or with other resolved settings of ppo.py or dpo.py, is not resumed).
 """
 
 import dataclasses
@@ -197,19 +198,22 @@ def main():
     checked = [(ppo, bench.flags)]  # bad flags fail now, not later; ppo.py's always: Brax's backend follows it
     if "dpo.py" in bench.contenders:  # a ppo.py-only flag (e.g. clip_eps=0.3) with dpo.py left out is fine
         checked.append((dpo, bench.flags + bench.dpo_flags))
+    settings = {}  # each script's resolved Args: a preset that changes makes a saved file not resumable
     for module, flags in checked:
         resolved = module.resolve_args(module.Args(env=bench.env, total_timesteps=bench.budget, num_evals=bench.evals,
                                                    **parse_flags(module, bench, flags)))  # fmt: skip
+        if f"{module.ALGO}.py" in bench.contenders:
+            settings[f"{module.ALGO}.py"] = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "out_dir"}
         if module is ppo and bench.brax_backend is None:  # resolved before --out is read, so a resume compares it
             bench = dataclasses.replace(bench, brax_backend=resolved.backend)
-    results = load_json(bench)
+    results, settings = load_json(bench, settings)
     for seed in range(bench.repeats):
         for name in bench.contenders:
             runs = results.setdefault(name, [])
             if seed < len(runs):
                 continue  # measured before, with these settings
             runs.append(contenders[name](seed))
-            write_json(bench, results)
+            write_json(bench, results, settings)
             r = runs[-1]
             print(f"{name} seed {seed}: final eval {r['final_eval']:.1f}, seconds to target {r['seconds_to_target']}")
             for step_time, step, value in r.get("evals", []):
@@ -231,29 +235,34 @@ def main():
             print(f"{name} / brax time: none, Brax's trainer did not reach the target (target ≤ {bench.max_ratio:.2f})")
             continue
         print(f"{name} / brax time: {median_seconds(results[name]) / brax_s:.2f} (target ≤ {bench.max_ratio:.2f})")
-    write_json(bench, results)
+    write_json(bench, results, settings)
 
 
 # What a run depends on (every field but these): a file measured with other values is not resumed.
 NOT_RESUME_KEYS = ("repeats", "contenders", "max_ratio", "out")
 
 
-def load_json(bench):
+def load_json(bench, settings):
+    """The saved results and every script's settings, saved and now; a SystemExit if the file was measured with
+    other bench options or other resolved settings of a script (a preset changed since, say)."""
     if not os.path.exists(bench.out):
-        return {}
+        return {}, settings
     with open(bench.out) as f:
         saved = json.load(f)
     mine = dataclasses.asdict(bench)
     keys = [k for k in mine if k not in NOT_RESUME_KEYS]
     differ = [k for k in keys if json.dumps(saved["config"].get(k, mine[k])) != json.dumps(mine[k])]
+    for script, now in settings.items():
+        then = saved.get("settings", {}).get(script, now)
+        differ += [f"{script} {k}" for k in now if json.dumps(then.get(k, now[k])) != json.dumps(now[k])]
     if differ:
         raise SystemExit(f"error: {bench.out} was measured with other {', '.join(differ)}: give another --out")
-    return saved["results"]
+    return saved["results"], {**saved.get("settings", {}), **settings}
 
 
-def write_json(bench, results):
+def write_json(bench, results, settings):
     with open(bench.out + ".tmp", "w") as f:
-        json.dump(dict(config=dataclasses.asdict(bench), results=results), f, indent=2)
+        json.dump(dict(config=dataclasses.asdict(bench), settings=settings, results=results), f, indent=2)
     os.replace(bench.out + ".tmp", bench.out)
 
 

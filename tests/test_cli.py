@@ -130,6 +130,7 @@ def test_help(script, capsys):
         (["--total-timesteps", "0"], "--total-timesteps must be positive, got 0"),
         (["--total-timesteps", "100", "--num-envs", "64", "--num-steps", "8"], "is less than one update"),
         (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+        (["--clip-eps", "0"], "--clip-eps must be positive, got 0.0"),
         (
             ["--total-timesteps", "4096", "--num-envs", "64", "--num-steps", "16", "--num-evals", "5"],
             "--num-evals 5 is more than the 4 updates",

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpo
+import lpo_meta
 import ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +93,16 @@ def test_preset_fills_only_what_the_user_left_unset():
     assert cpu.preset == "cpu" and cpu.hidden_sizes == (64, 64)  # the user's value wins over the tier's
     assert all(getattr(cpu, k) == v for k, v in ppo.CPU_PRESETS["ant"].items())
     assert cpu.learning_rate == paper.learning_rate  # a field the cpu tier leaves alone comes from the paper tier
+    # a field the tier holds per algorithm: ppo.py's clipping range on ant; dpo.py has none, lpo_meta.py the paper's
+    assert (
+        paper.clip_eps
+        == ppo.PAPER_COMMON["clip_eps"]
+        != cpu.clip_eps
+        == ppo.CPU_PRESETS_PER_ALGO["ant", "ppo"]["clip_eps"]
+    )
+    assert ppo.resolve_args(ppo.Args(env="ant", preset="cpu", clip_eps=0.25)).clip_eps == 0.25
+    assert lpo_meta.resolve_args(lpo_meta.Args(env="ant", preset="cpu")).clip_eps == 0.2
+    assert not hasattr(dpo.resolve_args(dpo.Args(env="ant", preset="cpu")), "clip_eps")
 
 
 def test_auto_preset_is_the_cpu_tier_on_a_cpu_and_paper_without_a_cpu_entry():
