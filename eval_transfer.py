@@ -279,11 +279,12 @@ def write_tables(args, envs_, algos, results, drift_config):
     lines += ["", "Settings per env (the same for every algorithm):", ""]
     for env in envs_:
         c = results[env, algos[0]]["config"]
+        eps = f"; PPO's drift: clipping range {results[env, 'ppo']['config']['clip_eps']}" if "ppo" in algos else ""
         lines.append(f"- {env}: {c['num_envs']} envs × {c['num_steps']} steps per update, "
                      f"{results[env, algos[0]]['env_steps'] // (c['num_envs'] * c['num_steps'] * c['action_repeat'])} "
                      f"updates of {c['update_epochs']} epochs × {c['num_minibatches']} minibatches, hidden "
                      f"{tuple(c['hidden_sizes'])}, lr {c['learning_rate']}, γ {c['gamma']}, reward scaling "
-                     f"{c['reward_scaling']}, {c['backend']} backend")  # fmt: skip
+                     f"{c['reward_scaling']}, {c['backend']} backend{eps}")  # fmt: skip
     lines += ["", "Wall time per cell, compile + training and evaluation (s):", "",
               "| env | " + " | ".join(algos) + " |", "|:---|" + "---:|" * len(algos)]  # fmt: skip
     for env in envs_:
