@@ -9,16 +9,21 @@ not run again), all runs under runs/sweep/{env}/:
    steps the slower script reached within the budget.
 3. check: the finalists at twice those steps, 3 seeds: a setting that diverges there is out.
 
+`--stage tier` checks what ships instead: the env's cpu tier itself (`--preset cpu`, each script's own values),
+3 seeds, to twice the tier's steps with 8 evaluations (the 4th at the tier's own end); not part of "all".
+
 Runs must be alone on the machine: the score depends on wall time. Returns do not depend on load; times do.
 
     nohup python bench/sweep.py --env hopper > sweep_hopper.log 2>&1 &   # all stages, resumes
     python bench/sweep.py --env hopper --stage screen --table-only        # what is done so far
     python bench/sweep.py --env hopper --candidates base positional       # only these candidates
     python bench/sweep.py --env hopper --on "--backend positional"        # every candidate on positional physics
+    nohup python bench/sweep.py --env ant --stage tier > tier_ant.log 2>&1 &  # the shipped tier at 2x, 3 seeds
 """
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -50,6 +55,7 @@ CANDIDATES = {
     "generalized": "--backend generalized",
 }
 ENVS = dict(  # wall-clock budget per run (s), settings the env needs
+    inverted_pendulum=(300, ""),  # only for --stage tier: its tier was not found by this sweep
     ant=(300, ""),
     hopper=(300, ""),
     walker2d=(300, ""),
@@ -95,13 +101,26 @@ def command(sweep, candidate, script, steps, seeds, out):
             "--num-evals", str(SCREEN_EVALS if steps == SCREEN_STEPS else 8), "--out-dir", out]  # fmt: skip
 
 
+def tier_steps(env, script):
+    """The steps of the script's own cpu tier for env (read from the script: its presets are the truth)."""
+    sys.path.insert(0, ROOT)
+    return __import__(script.removesuffix(".py")).preset_for(env, "cpu")["total_timesteps"]
+
+
+def tier_command(sweep, script, steps, seeds, out):
+    return [sys.executable, os.path.join(ROOT, script), "--env", sweep.env, "--preset", "cpu", *sweep.on.split(),
+            "--total-timesteps", str(steps), "--num-seeds", str(seeds), "--num-evals", "8",
+            "--out-dir", out]  # fmt: skip
+
+
 def run(sweep, stage, candidate, script, steps, seeds, budget_s=None):
     """One run of the script; with budget_s it is stopped after that wall time (metrics.csv keeps its evaluations).
     done.json marks it finished."""
     out = run_dir(sweep, stage, candidate, script)
     if os.path.exists(os.path.join(out, "done.json")):
         return
-    cmd = command(sweep, candidate, script, steps, seeds, out)
+    make = tier_command if stage == "tier" else functools.partial(command, candidate=candidate)
+    cmd = make(sweep, script=script, steps=steps, seeds=seeds, out=out)
     print(f"[{time.strftime('%H:%M:%S')}] {stage} {candidate} {script}: {' '.join(cmd[2:])}", flush=True)
     os.makedirs(out, exist_ok=True)
     start = time.time()
@@ -158,6 +177,30 @@ def ranked(sweep, candidates, budget_s):
     return sorted(scores, key=scores.get, reverse=True)
 
 
+def tier_table(sweep):
+    """Per script: each seed's evaluation at the tier's own steps, its lowest after them, and at twice the steps."""
+    lines = ["| script | steps (tier / 2×) | eval at the tier's end | lowest eval after it | eval at 2× | diverged |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for script in SCRIPTS:
+        out, steps = run_dir(sweep, "tier", "tier", script), tier_steps(sweep.env, script)
+        if not os.path.exists(os.path.join(out, "done.json")):
+            continue
+        evals = {}
+        with open(os.path.join(out, "metrics.csv")) as f:
+            for row in csv.DictReader(f):
+                if row["eval_return"]:
+                    evals.setdefault(int(row["env_steps"]), []).append(float(row["eval_return"]))
+        at = min(evals, key=lambda k: abs(k - steps))  # the evaluation nearest the tier's steps
+        after = [v for k, v in evals.items() if k > at]
+        lowest = [min(vs) for vs in zip(*after, strict=True)] if after else []
+        fmt = lambda vs: " / ".join(f"{v:,.0f}" for v in vs)
+        diverged = read(sweep, "tier", "tier", script, None)["diverged"]
+        lines.append(f"| {script} | {steps / 1e6:.2f}M / {2 * steps / 1e6:.2f}M | {fmt(evals[at])} | "
+                     f"{fmt(lowest)} | {fmt(evals[max(evals)])} at {max(evals) / 1e6:.2f}M | "
+                     f"{'**yes**' if diverged else 'no'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(sweep, stage, candidates, budget_s):
     budget = budget_s if stage == "screen" else None
     head = "score (last eval within budget)" if budget else "final eval per seed"
@@ -184,7 +227,7 @@ def table(sweep, stage, candidates, budget_s):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", required=True, choices=sorted(ENVS))
-    parser.add_argument("--stage", choices=("screen", "final", "check", "all"), default="all")
+    parser.add_argument("--stage", choices=("screen", "final", "check", "all", "tier"), default="all")
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="candidate names, as above")
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--budget-s", type=float, help="wall-clock budget per run (default: the env's, above)")
@@ -202,6 +245,12 @@ def main():
     if os.path.exists(out):  # the tables of the stages not run now are kept
         with open(out) as f:
             report = json.load(f)["tables"]
+    if args.stage == "tier":
+        for script in SCRIPTS if not args.table_only else ():
+            run(sweep, "tier", "tier", script, 2 * tier_steps(args.env, script), 3)
+        report["tier"] = tier_table(sweep)
+        print(f"\n### {sweep.name}, the cpu tier at twice its steps\n\n{report['tier']}\n", flush=True)
+        stages = ()
     for stage in stages:
         candidates = args.candidates if stage == "screen" else ranked(sweep, args.candidates, budget_s)
         candidates = candidates if stage == "screen" else candidates[: args.finalists]
