@@ -241,10 +241,13 @@ def main():
     stages = ("screen", "final", "check") if args.stage == "all" else (args.stage,)
     sweep = Sweep(args.env, args.on)
     out = os.path.join(ROOT, "bench", f"sweep_{sweep.name}.json")
-    report = {}
+    report, machines = {}, {}  # each table's CPU: tables of other stages may come from other machines
     if os.path.exists(out):  # the tables of the stages not run now are kept
         with open(out) as f:
-            report = json.load(f)["tables"]
+            old = json.load(f)
+        report = old["tables"]
+        machines = old.get("cpu_per_table", {table: old.get("cpu") for table in report})
+    machines.update({stage: cpu_model() for stage in (("tier",) if args.stage == "tier" else stages)})
     if args.stage == "tier":
         for script in SCRIPTS if not args.table_only else ():
             run(sweep, "tier", "tier", script, 2 * tier_steps(args.env, script), 3)
@@ -263,7 +266,7 @@ def main():
                     run(sweep, stage, c, script, reached * (2 if stage == "check" else 1), 3)
         report[stage] = table(sweep, stage, candidates, budget_s)
         print(f"\n### {sweep.name}, {stage}\n\n{report[stage]}\n", flush=True)
-    blob = dict(env=args.env, on=args.on, budget_s=budget_s, cpu=cpu_model(), nproc=os.cpu_count(),
+    blob = dict(env=args.env, on=args.on, budget_s=budget_s, cpu_per_table=machines, nproc=os.cpu_count(),
                 python=platform.python_version(), base=BASE, tables=report)  # fmt: skip
     with open(out + ".tmp", "w") as f:
         json.dump(blob, f, indent=1)
