@@ -71,8 +71,8 @@ class Args:
     """Passes over each rollout."""
     learning_rate: float | None = None
     """Adam step size."""
-    anneal_lr: bool = False
-    """Decay the learning rate linearly to zero over training."""
+    anneal_lr: tyro.conf.DisallowNone[bool | None] = None
+    """Decay the learning rate linearly to zero over training (preset: on in inverted_pendulum's cpu tier, else off)."""
     gamma: float | None = None
     """Discount factor."""
     gae_lambda: float = 0.95
@@ -90,8 +90,8 @@ class Args:
     """Clip the policy's and the value network's gradient norms apart (off: one norm over both, as PureJaxRL)."""
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
-    normalize_rewards: bool = False
-    """Divide rewards for learning by the running std of discounted returns, clipped to ±10 (off: bench/README.md)."""
+    normalize_rewards: tyro.conf.DisallowNone[bool | None] = None
+    """Divide rewards by the running std of discounted returns, clipped to ±10 (preset: as anneal_lr; bench/README)."""
     vf_clip: float | None = None
     """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
@@ -476,7 +476,8 @@ def make_train(args, log_fn=None):
 # authors' Brax settings sized for an accelerator, and `cpu`, on top of them, measured on 2 CPU cores (bench/README.md).
 PRESET_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
                  "gamma", "reward_scaling", "action_repeat", "backend")  # fmt: skip
-PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0, ent_coef=0.0, clip_eps=0.2)
+PAPER_COMMON = dict(hidden_sizes=(256, 256), init_std=1.0, max_grad_norm=0.0, ent_coef=0.0, clip_eps=0.2,
+                    anneal_lr=False, normalize_rewards=False)  # fmt: skip
 # fmt: off
 PRESETS = {  #                 steps    envs  num_steps mbs epochs lr    gamma  reward repeat backend
     "ant":                      (30_000_000,  2048, 80,  32, 4, 3e-4, 0.97,  1.0,  1, "spring"),
@@ -507,7 +508,8 @@ CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it rea
     "pusher": dict(PUREJAXRL, total_timesteps=512_000),
     "humanoid": dict(PUREJAXRL, total_timesteps=4_505_600),
     "inverted_pendulum": dict(total_timesteps=4_000_000, num_envs=128, num_steps=32, num_minibatches=4,
-                              learning_rate=1e-3, gamma=0.995, hidden_sizes=(64, 64), init_std=0.3),
+                              learning_rate=1e-3, gamma=0.995, hidden_sizes=(64, 64), init_std=0.3,
+                              anneal_lr=True, normalize_rewards=True),
 }
 # fmt: on
 # What one algorithm needs for itself on top of its cpu tier (why: bench/README.md, the inverted_pendulum table).
