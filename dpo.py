@@ -92,7 +92,7 @@ class Args:
     reward_scaling: float | None = None
     """Rewards are multiplied by this for learning (reported returns are unscaled)."""
     normalize_rewards: tyro.conf.DisallowNone[bool | None] = None
-    """Divide rewards by the running std of discounted returns, clipped to ±10 (preset: as anneal_lr; bench/README)."""
+    """Divide rewards by the running std of discounted returns, clipped to ±10 (preset: as anneal_lr)."""
     vf_clip: float | None = None
     """Clip each value update to V_old ± vf_clip, PPO2-style: the larger of both squared errors (None: off)."""
     normalize_obs: bool = True
