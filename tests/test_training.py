@@ -103,11 +103,12 @@ def test_preset_fills_only_what_the_user_left_unset():
     assert ppo.resolve_args(ppo.Args(env="ant", preset="cpu", clip_eps=0.25)).clip_eps == 0.25
     assert lpo_meta.resolve_args(lpo_meta.Args(env="ant", preset="cpu")).clip_eps == 0.2
     assert not hasattr(dpo.resolve_args(dpo.Args(env="ant", preset="cpu")), "clip_eps")
-    # switches a tier may set: on in inverted_pendulum's cpu tier, off elsewhere; --no-... on the command line wins
+    # switches a tier may set: on in the pendulums' cpu tiers, off elsewhere; --no-... on the command line wins
     resolve = lambda *argv: ppo.resolve_args(tyro.cli(ppo.Args, args=["--env", *argv]))
     switches = lambda a: (a.anneal_lr, a.normalize_rewards)
     assert switches(cpu) == switches(paper) == (False, False)
     assert switches(resolve("inverted_pendulum", "--preset", "cpu")) == (True, True)
+    assert switches(resolve("inverted_double_pendulum", "--preset", "cpu")) == (True, True)
     assert switches(resolve("inverted_pendulum", "--preset", "paper")) == (False, False)
     assert switches(resolve("inverted_pendulum", "--preset", "cpu", "--no-anneal-lr")) == (False, True)
     assert switches(resolve("ant", "--preset", "cpu", "--normalize-rewards")) == (False, True)
