@@ -53,6 +53,9 @@ CANDIDATES = {
     "8 epochs": "--update-epochs 8",
     "positional": "--backend positional",
     "generalized": "--backend generalized",
+    # the pendulums' base (ppo.py's PENDULUM) without its annealing: many small updates, a small network
+    "pendulum base": "--num-envs 128 --num-steps 32 --num-minibatches 4 --learning-rate 1e-3 --gamma 0.995 "
+    "--hidden-sizes 64 64 --normalize-rewards",
 }
 ENVS = dict(  # wall-clock budget per run (s), settings the env needs
     inverted_pendulum=(300, ""),  # only for --stage tier: its tier was not found by this sweep
@@ -224,6 +227,12 @@ def table(sweep, stage, candidates, budget_s):
     return "\n".join(lines)
 
 
+def keep(report, machines, stage, found):
+    """A stage's table with this machine's runs; without any (another clone, or none run yet) the saved one stays."""
+    if found.count("\n") > 1 or stage not in report:
+        report[stage], machines[stage] = found, cpu_model()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", required=True, choices=sorted(ENVS))
@@ -247,12 +256,10 @@ def main():
             old = json.load(f)
         report = old["tables"]
         machines = old.get("cpu_per_table", {table: old.get("cpu") for table in report})
-    machines.update({stage: cpu_model() for stage in (("tier",) if args.stage == "tier" else stages)})
     if args.stage == "tier":
         for script in SCRIPTS if not args.table_only else ():
             run(sweep, "tier", "tier", script, 2 * tier_steps(args.env, script), 3)
-        found = tier_table(sweep)
-        report["tier"] = found if found.count("\n") > 1 else report.get("tier", found)  # no runs here: keep
+        keep(report, machines, "tier", tier_table(sweep))
         print(f"\n### {sweep.name}, the cpu tier at twice its steps\n\n{report['tier']}\n", flush=True)
         stages = ()
     for stage in stages:
@@ -265,7 +272,7 @@ def main():
                 else:  # the steps both scripts reached within the budget (2× for the check), 3 seeds
                     reached = min(read(sweep, "screen", c, s, budget_s)["steps"] for s in SCRIPTS)
                     run(sweep, stage, c, script, reached * (2 if stage == "check" else 1), 3)
-        report[stage] = table(sweep, stage, candidates, budget_s)
+        keep(report, machines, stage, table(sweep, stage, candidates, budget_s))
         print(f"\n### {sweep.name}, {stage}\n\n{report[stage]}\n", flush=True)
     blob = dict(env=args.env, on=args.on, budget_s=budget_s, cpu_per_table=machines, nproc=os.cpu_count(),
                 python=platform.python_version(), base=BASE, tables=report)  # fmt: skip
