@@ -3,8 +3,8 @@ wall-clock budget on this machine, for ppo.py and dpo.py alike. Three stages, ea
 not run again), all runs under runs/sweep/{env}/:
 
 1. screen: every candidate below, one seed per script. A run is stopped once `--budget-s` of wall time has passed
-   (compile included); it is evaluated every ~1/10 of the budget, and its score is the last evaluation within the
-   budget. Candidates change the base (PureJaxRL's settings, the ant tier) one group of settings at a time.
+   (compile included); it is evaluated every 250k steps, and its score is the last evaluation within the budget
+   (none: ranked last). Candidates change the base (PureJaxRL's settings, the ant tier) one group of settings at a time.
 2. final: the `--finalists` best candidates by the mean of both scripts' scores, 3 seeds each, trained to the
    steps the slower script reached within the budget.
 3. check: the finalists at twice those steps, 3 seeds: a setting that diverges there is out.
@@ -166,8 +166,9 @@ def read(sweep, stage, candidate, script, budget_s):
                 t = float(row["elapsed_s"]) + compile_s
                 evals.setdefault((int(row["env_steps"]), t), []).append(float(row["eval_return"]))
     within = [(steps, v) for (steps, t), v in sorted(evals.items()) if budget_s is None or t <= budget_s]
-    steps, per_seed = within[-1] if within else (0, [0.0])
-    return dict(score=sum(per_seed) / len(per_seed), steps=steps, per_seed=per_seed, diverged=diverged)
+    steps, per_seed = within[-1] if within else (0, [])
+    score = sum(per_seed) / len(per_seed) if per_seed else float("-inf")  # no evaluation in the budget: last
+    return dict(score=score, steps=steps, per_seed=per_seed, diverged=diverged)
 
 
 def ranked(sweep, candidates, budget_s):
@@ -219,11 +220,14 @@ def table(sweep, stage, candidates, budget_s):
         def cell(r):
             if r["diverged"]:
                 return "diverged"
+            if not r["per_seed"]:
+                return "no eval in budget"
             return f"{r['score']:,.0f}" if budget else " / ".join(f"{x:,.0f}" for x in r["per_seed"])
 
         steps = " / ".join(f"{r['steps'] / 1e6:.2f}M" for r in runs)
         mean = sum(r["score"] for r in runs) / len(runs)
-        lines.append(f"| {c} | `{CANDIDATES[c]}` | {cell(runs[0])} | {cell(runs[1])} | {steps} | {mean:,.0f} |")
+        mean = f"{mean:,.0f}" if mean > float("-inf") else "—"
+        lines.append(f"| {c} | `{CANDIDATES[c]}` | {cell(runs[0])} | {cell(runs[1])} | {steps} | {mean} |")
     return "\n".join(lines)
 
 
