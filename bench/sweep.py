@@ -53,7 +53,7 @@ CANDIDATES = {
     "8 epochs": "--update-epochs 8",
     "positional": "--backend positional",
     "generalized": "--backend generalized",
-    # the pendulums' base (ppo.py's PENDULUM) without its annealing: many small updates, a small network
+    # the pendulums' base (ppo.py's PENDULUM) without its annealing and its init std 0.3: many small updates
     "pendulum base": "--num-envs 128 --num-steps 32 --num-minibatches 4 --learning-rate 1e-3 --gamma 0.995 "
     "--hidden-sizes 64 64 --normalize-rewards",
 }
