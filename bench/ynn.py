@@ -6,7 +6,10 @@ jaxlib 0.10's XLA hands small fusions and matrix products to YNNPACK by default;
 and eval_transfer.py compile with `xla_cpu_experimental_ynn_fusion_type` empty instead. This compiles ppo.py's
 train and an env-only scan (random actions) both ways in one process and times them `--repeats` times,
 interleaved, so a drifting machine hits both alike. The train time includes the final evaluation
-(16 envs). Rerun it after a jaxlib upgrade: when the ratio nears 1, the option can go.
+(16 envs). Rerun it after a jaxlib upgrade: when the ratio nears 1, the option can go. `--also` times further
+XLA:CPU options on top of the scripts' own, in the same interleaved rounds:
+
+    python bench/ynn.py --also xla_cpu_use_fusion_emitters=false xla_cpu_multi_thread_eigen=false
 """
 
 import dataclasses
@@ -45,6 +48,8 @@ class Bench:
     """Updates per timed training run."""
     repeats: int = 3
     """Interleaved repetitions; the table reports medians."""
+    also: tuple[str, ...] = ()
+    """XLA:CPU options (name=value; true/false for flags) each timed as one more variant on top of the scripts'."""
     out: str = "bench/ynn.json"
     """Where to write the table as JSON."""
 
@@ -64,6 +69,10 @@ def main():
     env_only = make_env_only(args, bench.updates * args.num_steps)
 
     variants = {"YNNPACK on (jaxlib default)": {}, "YNNPACK off (the scripts)": ppo.compiler_options()}
+    for option in bench.also:
+        name, _, value = option.partition("=")
+        value = {"true": True, "false": False}.get(value.lower(), value)
+        variants[f"the scripts + {option}"] = {**ppo.compiler_options(), name: value}
     compiled, times = {}, {name: {"train_s": [], "env_only_s": []} for name in variants}
     for name, options in variants.items():
         start = time.perf_counter()
@@ -86,9 +95,12 @@ def main():
     print("| XLA:CPU | compile s (both) | train s | env-only s |\n|---|---|---|---|")
     for name, r in table.items():
         print(f"| {name} | {r['compile_s']:.1f} | {r['train_s']:.2f} | {r['env_only_s']:.2f} |")
-    on, off = table.values()
+    on, off = list(table.values())[:2]
     speedup = {key: on[key] / off[key] for key in ("train_s", "env_only_s")}
     print(f"off is faster by: train {speedup['train_s']:.2f}x, env-only {speedup['env_only_s']:.2f}x")
+    for name, r in list(table.items())[2:]:
+        print(f"{name} against the scripts: train {off['train_s'] / r['train_s']:.2f}x faster, env-only "
+              f"{off['env_only_s'] / r['env_only_s']:.2f}x")  # fmt: skip
     with open(bench.out + ".tmp", "w") as f:
         json.dump(dict(config=dataclasses.asdict(bench), table=table, speedup=speedup), f, indent=2)
     os.replace(bench.out + ".tmp", bench.out)
