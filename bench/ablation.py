@@ -28,6 +28,8 @@ COMMON = {
     # hopper's cpu tier: positional physics, where it learns more than on spring (bench/README.md, sweep.py)
     "hopper": "--env hopper --total-timesteps 3276800 --backend positional",
     "inverted_pendulum": "--env inverted_pendulum --total-timesteps 1024000 --backend spring",
+    # walker2d's cpu tier: the same base, positional, 2,252,800 steps: far from walking; what lifts it there?
+    "walker2d": "--env walker2d --total-timesteps 2252800 --backend positional",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
              "--gamma 0.99 --max-grad-norm 0.5 --no-clip-per-network --learning-rate 3e-4 "
@@ -38,6 +40,7 @@ PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epoch
 # "orthogonal init"; the earlier arms ran with a variance-scaled init of the same scale). Each arm states the
 # flags, so that it means the same whatever the defaults are.
 BEFORE = "--no-normalize-rewards --tanh-squash"  # the scripts' defaults before this ablation
+SMALL = "--num-envs 512 --num-steps 16 --num-minibatches 8"  # 2.5× the updates from the same steps (sweep.py's)
 ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
     "ppo before": ("ppo.py", BEFORE),
     "ppo + reward norm": ("ppo.py", "--normalize-rewards --tanh-squash"),
@@ -125,6 +128,23 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "dpo.py",
         "--no-normalize-rewards --no-tanh-squash --clip-per-network --learning-rate 6e-4",
     ),
+    # walker2d's arms: Brax's own γ and reward scale for it, and more updates from the same steps
+    "ppo, clip per network, gamma 0.97": (
+        "ppo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --gamma 0.97",
+    ),
+    "dpo, clip per network, gamma 0.97": (
+        "dpo.py",
+        "--no-normalize-rewards --no-tanh-squash --clip-per-network --gamma 0.97",
+    ),
+    "ppo, clip per network, small batch": (
+        "ppo.py",
+        f"--no-normalize-rewards --no-tanh-squash --clip-per-network {SMALL}",
+    ),
+    "dpo, clip per network, small batch": (
+        "dpo.py",
+        f"--no-normalize-rewards --no-tanh-squash --clip-per-network {SMALL}",
+    ),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",
@@ -151,7 +171,17 @@ DEFAULT_ARMS = {
         # Brax's PPO clipping range on six seeds
         "ppo, clip per network, clip eps 0.3",
         "ppo, clip per network, clip eps 0.3, seeds 2-5",
-    ]
+    ],
+    # the tier (3 seeds: --seeds 3), then one change at a time
+    "walker2d": [
+        "ppo, clip per network (default now)",
+        "dpo, clip per network (default now)",
+        "ppo, clip per network, gamma 0.97",
+        "dpo, clip per network, gamma 0.97",
+        "ppo, clip per network, small batch",
+        "dpo, clip per network, small batch",
+        "ppo, clip per network, clip eps 0.3",
+    ],
 }
 
 
