@@ -145,6 +145,10 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
         "dpo.py",
         f"--no-normalize-rewards --no-tanh-squash --clip-per-network {SMALL}",
     ),
+    "ppo, clip per network, small batch, clip eps 0.3": (
+        "ppo.py",
+        f"--no-normalize-rewards --no-tanh-squash --clip-per-network {SMALL} --clip-eps 0.3",
+    ),
     "dpo + reward norm + clipped actions": ("dpo.py", "--normalize-rewards --no-tanh-squash"),
     "dpo + reward norm + clipped actions + value clip": (
         "dpo.py",
@@ -181,6 +185,7 @@ DEFAULT_ARMS = {
         "ppo, clip per network, small batch",
         "dpo, clip per network, small batch",
         "ppo, clip per network, clip eps 0.3",
+        "ppo, clip per network, small batch, clip eps 0.3",
     ],
 }
 
