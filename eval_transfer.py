@@ -183,6 +183,7 @@ def run_cell(args, algo, cell, path, drift_params=None):
     compiled = train.lower(keys).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
+    logger.begin()
     try:
         _, eval_returns = jax.block_until_ready(compiled(keys))
     except Exception:

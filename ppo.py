@@ -662,7 +662,7 @@ class Logger:
 
     def __init__(self, args, out_dir, wandb_run=None):
         self.args, self.wandb_run, self.csv_path = args, wandb_run, os.path.join(out_dir, "metrics.csv")
-        self.rows, self.error, self.diverged_at, self.start, self.last_eval = [], None, None, None, None
+        self.rows, self.error, self.diverged_at, self.last_eval = [], None, None, None
         self.num_updates = args.total_timesteps // (args.num_envs * args.num_steps * args.action_repeat)
         self.bar = None  # on a terminal a live progress bar; in logs, CI and batch jobs plain lines
         if sys.stdout.isatty():
@@ -671,6 +671,11 @@ class Logger:
             self.bar = Progress(*Progress.get_default_columns(), TextColumn("{task.fields[status]}"))
             total = self.num_updates * args.num_envs * args.num_steps * args.action_repeat
             self.task = self.bar.add_task(f"{ALGO} {args.env}", total=total, status="")
+        self.begin()
+
+    def begin(self):
+        """Starts the clock of the rates and times to go; main restarts it when training starts, after the compile."""
+        self.start, self.last_time, self.last_steps = time.perf_counter(), time.perf_counter(), 0
 
     def close(self):
         if self.bar is not None:
@@ -688,8 +693,6 @@ class Logger:
             self.diverged_at = dict(update=update, env_steps=env_steps)
             raise FloatingPointError(self.error)
         now = time.perf_counter()
-        if self.start is None:  # the clock starts at the end of update 1, so the first line has a rate too
-            self.start, self.last_time, self.last_steps, self.first_steps = now, now, env_steps, env_steps
         record = update % self.args.log_every == 0 or "eval_return" in metrics or update == self.num_updates
         if not (record or update == 1 or now - self.last_time >= (1.0 if self.bar is not None else self.PRINT_EVERY_S)):
             return
@@ -707,7 +710,7 @@ class Logger:
             if self.wandb_run is not None:
                 self.wandb_run.log(mean, step=env_steps)
         sps = (env_steps - self.last_steps) / max(now - self.last_time, 1e-9)
-        eta = elapsed * (self.args.total_timesteps - env_steps) / max(env_steps - self.first_steps, 1)
+        eta = elapsed * (self.args.total_timesteps - env_steps) / max(env_steps, 1)
         self.last_time, self.last_steps = now, env_steps
         self.last_eval = mean.get("eval_return", self.last_eval)
         evaluation = f" | eval {self.last_eval:8.1f}" if self.last_eval is not None else ""
@@ -773,6 +776,7 @@ def main(argv=None):
     compile_s = time.perf_counter() - start
     print(f"compiled in {compile_s:.1f} s", flush=True)
     start = time.perf_counter()
+    logger.begin()
     summary = dict(env=args.env, algo=ALGO, preset=args.preset, num_seeds=args.num_seeds, diverged=False)
     try:
         runners, eval_returns = jax.block_until_ready(compiled(keys))

@@ -184,6 +184,7 @@ def test_on_a_terminal_progress_is_a_bar_and_metrics_csv_is_unchanged(tmp_path, 
             assert printed.getvalue().startswith("update     1/8")
             lines = printed.getvalue().splitlines()  # no return before an episode has ended
             assert "| return       n/a |" in lines[0] and "| return       4.0 |" in printed.getvalue()
+            assert "        0 steps/s" not in lines[0]  # the first line has a rate: the clock ran before update 1
     assert rows[True] == rows[False] and len(rows[True]) == 2 * 4  # every 2nd update, for 2 seeds
 
 
