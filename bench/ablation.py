@@ -31,6 +31,8 @@ COMMON = {
     "inverted_pendulum": "--env inverted_pendulum --total-timesteps 1024000 --backend spring",
     # walker2d's cpu tier: the same base, positional, 2,252,800 steps: far from walking; what lifts it there?
     "walker2d": "--env walker2d --total-timesteps 2252800 --backend positional",
+    # halfcheetah's cpu tier: the base on spring, 2,007,040 steps (245 updates of the small batch)
+    "halfcheetah": "--env halfcheetah --total-timesteps 2007040 --backend spring",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
              "--gamma 0.99 --max-grad-norm 0.5 --no-clip-per-network --learning-rate 3e-4 "
@@ -177,6 +179,9 @@ DEFAULT_ARMS = {
         # Brax's PPO clipping range on six seeds
         "ppo, clip per network, clip eps 0.3",
         "ppo, clip per network, clip eps 0.3, seeds 2-5",
+        # walker2d's smaller batch on hopper's tier (--seeds 3)
+        "ppo, clip per network, small batch, clip eps 0.3",
+        "dpo, clip per network, small batch",
     ],
     # the tier (3 seeds: --seeds 3), then one change at a time
     "walker2d": [
@@ -188,6 +193,14 @@ DEFAULT_ARMS = {
         "dpo, clip per network, small batch",
         "ppo, clip per network, clip eps 0.3",
         "ppo, clip per network, small batch, clip eps 0.3",
+    ],
+    # the tier (--seeds 3), walker2d's smaller batch, and Brax's PPO clipping range
+    "halfcheetah": [
+        "ppo, clip per network (default now)",
+        "dpo, clip per network (default now)",
+        "ppo, clip per network, small batch",
+        "dpo, clip per network, small batch",
+        "ppo, clip per network, clip eps 0.3",
     ],
 }
 
