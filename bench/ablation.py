@@ -6,6 +6,7 @@ resumes where it stopped. The table is printed and written to bench/ablation_{en
     nohup python bench/ablation.py --env ant > ablation_ant.log 2>&1 &
     nohup python bench/ablation.py --env hopper > ablation_hopper.log 2>&1 &   # hopper's arms (DEFAULT_ARMS)
     nohup python bench/ablation.py --env walker2d --seeds 3 > ablation_walker2d.log 2>&1 &
+    nohup python bench/ablation.py --env halfcheetah --seeds 3 > ablation_halfcheetah.log 2>&1 &
     python bench/ablation.py --env ant --arms ppo dpo        # only these arms
     python bench/ablation.py --env ant --table-only          # the table of what is done
 """
@@ -162,7 +163,7 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
 
 # The arms run when --arms is not given: on ant every arm; on hopper today's defaults, the one clip norm they
 # replaced ("ppo default" was PureJaxRL's one clip norm then), and each of the authors' other differences alone;
-# on walker2d its tier as it was and one change at a time.
+# on walker2d and halfcheetah their tiers as they were and one change at a time.
 DEFAULT_ARMS = {
     "hopper": [
         "ppo, clip per network (default now)",
