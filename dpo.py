@@ -685,7 +685,8 @@ class Logger:
 
     def begin(self):
         """Starts the clock of the rates and times to go; main restarts it when training starts, after the compile."""
-        self.start, self.last_time, self.last_steps = time.perf_counter(), time.perf_counter(), 0
+        self.start = self.last_time = time.perf_counter()
+        self.last_steps = 0
 
     def close(self):
         if self.bar is not None:

@@ -32,7 +32,7 @@ COMMON = {
     "inverted_pendulum": "--env inverted_pendulum --total-timesteps 1024000 --backend spring",
     # walker2d's cpu tier: the same base, positional, 2,252,800 steps: far from walking; what lifts it there?
     "walker2d": "--env walker2d --total-timesteps 2252800 --backend positional",
-    # halfcheetah's cpu tier: the base on spring, 2,007,040 steps (245 updates of the small batch)
+    # halfcheetah's cpu tier: the base on spring, 2,007,040 steps (98 updates of 2048 × 10, 245 of the small batch)
     "halfcheetah": "--env halfcheetah --total-timesteps 2007040 --backend spring",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
