@@ -78,8 +78,8 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ."""
     clip_eps: float | None = None
-    """PPO's clipping range ε: the drift is zero for r in [1 − ε, 1 + ε] (preset: 0.2, but ppo.py's 0.3 for ant
-    and hopper on the cpu tier)."""
+    """PPO's clipping range ε: the drift is zero for r in [1 − ε, 1 + ε] (preset: 0.2, but ppo.py's 0.3 for ant,
+    hopper and halfcheetah on the cpu tier)."""
     ent_coef: float | None = None
     """Entropy bonus coefficient (preset: 0, but ppo.py's for inverted_pendulum on the cpu tier)."""
     vf_coef: float = 0.5
@@ -520,13 +520,14 @@ CPU_PRESETS = {  # on top of the env's paper settings; why each, and what it rea
 # On inverted_pendulum PPO's std collapses and a seed can settle on a policy that drifts into the end of the rail:
 # an entropy bonus keeps it exploring, and it is done in 3M steps (longer, a seed slipped again). DPO keeps its std
 # without a bonus and needs the 4M. On inverted_double_pendulum PPO's std shrinks fast: from 1.0 it reached the top on
-# more seeds. PPO's clipping range: Brax's 0.3 made it learn sooner and end higher on ant and hopper.
+# more seeds. PPO's clipping range: Brax's 0.3 made it learn sooner and end higher on ant, hopper, halfcheetah.
 # eval_transfer.py asks for such fields on its command line, but for the drift's own (clip_eps).
 CPU_PRESETS_PER_ALGO = {
     ("inverted_pendulum", "ppo"): dict(ent_coef=0.01, total_timesteps=3_000_000),
     ("inverted_double_pendulum", "ppo"): dict(init_std=1.0),
     ("ant", "ppo"): dict(clip_eps=0.3),
     ("hopper", "ppo"): dict(clip_eps=0.3),
+    ("halfcheetah", "ppo"): dict(clip_eps=0.3),
 }
 CHOICES = dict(env=PRESETS, preset=("auto", "cpu", "paper"), backend=("spring", "positional", "generalized", "mjx"))
 
