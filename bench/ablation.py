@@ -202,13 +202,14 @@ DEFAULT_ARMS = {
         "ppo, clip per network, small batch",
         "dpo, clip per network, small batch",
         "ppo, clip per network, clip eps 0.3",
+        "ppo, clip per network, small batch, clip eps 0.3",
     ],
 }
 
 
 def arm_flags(arm):
     """The arm's script and flags. ppo.py's arms clip the ratio at the authors' 0.2 unless they say otherwise, as
-    they all ran before ant's and hopper's cpu tiers took Brax's 0.3."""
+    they all ran before ant's, hopper's and halfcheetah's cpu tiers took Brax's 0.3."""
     script, flags, *_ = ARMS[arm]
     if script == "ppo.py" and "--clip-eps" not in flags:
         flags += " --clip-eps 0.2"
