@@ -7,6 +7,7 @@ resumes where it stopped. The table is printed and written to bench/ablation_{en
     nohup python bench/ablation.py --env hopper > ablation_hopper.log 2>&1 &   # hopper's arms (DEFAULT_ARMS)
     nohup python bench/ablation.py --env walker2d --seeds 3 > ablation_walker2d.log 2>&1 &
     nohup python bench/ablation.py --env halfcheetah --seeds 3 > ablation_halfcheetah.log 2>&1 &
+    nohup python bench/ablation.py --env humanoid --seeds 3 > ablation_humanoid.log 2>&1 &
     python bench/ablation.py --env ant --arms ppo dpo        # only these arms
     python bench/ablation.py --env ant --table-only          # the table of what is done
 """
@@ -34,6 +35,8 @@ COMMON = {
     "walker2d": "--env walker2d --total-timesteps 2252800 --backend positional",
     # halfcheetah's cpu tier: the base on spring, 2,007,040 steps (98 updates of 2048 × 10, 245 of the small batch)
     "halfcheetah": "--env halfcheetah --total-timesteps 2007040 --backend spring",
+    # humanoid's cpu tier: the base on spring, 4,505,600 steps (220 updates)
+    "humanoid": "--env humanoid --total-timesteps 4505600 --backend spring",
 }
 PUREJAXRL = ("--num-envs 2048 --num-steps 10 --num-minibatches 32 --update-epochs 4 --hidden-sizes 256 256 "
              "--gamma 0.99 --max-grad-norm 0.5 --no-clip-per-network --learning-rate 3e-4 "
@@ -163,7 +166,7 @@ ARMS = {  # name: (script, flags on top of COMMON and PUREJAXRL[, seeds])
 
 # The arms run when --arms is not given: on ant every arm; on hopper today's defaults, the one clip norm they
 # replaced ("ppo default" was PureJaxRL's one clip norm then), and each of the authors' other differences alone;
-# on walker2d and halfcheetah their tiers as they were and one change at a time.
+# on walker2d, halfcheetah and humanoid their tiers as they were and one change at a time.
 DEFAULT_ARMS = {
     "hopper": [
         "ppo, clip per network (default now)",
@@ -204,6 +207,8 @@ DEFAULT_ARMS = {
         "ppo, clip per network, clip eps 0.3",
         "ppo, clip per network, small batch, clip eps 0.3",
     ],
+    # the tier (--seeds 3) and Brax's PPO clipping range
+    "humanoid": ["ppo, clip per network (default now)", "ppo, clip per network, clip eps 0.3"],
 }
 
 
